@@ -1,0 +1,132 @@
+"""Wrap a model's Linear layers with fake-quant, and turn a wrapped model back into a plain one.
+
+``quantize_model`` selects layers by regex on their qualified names (``re.search``): a layer is
+wrapped if it matches a ``targets`` pattern and no ``ignore`` pattern. The default target is
+every Linear inside the stack of transformer blocks (``...layers.N.``, ``...h.N.``,
+``...blocks.N.``), so ``lm_head`` and embeddings stay in full precision unless a pattern asks for
+them. ``layer_schemes`` (pattern -> scheme, first match wins) gives mixed precision.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .linear import QATLinear
+from .scheme import QuantConfigError, QuantScheme
+
+DEFAULT_TARGETS: tuple[str, ...] = (r"(^|\.)(layers|h|blocks|block)\.\d+\.",)
+
+
+@dataclass
+class QuantReport:
+    """What ``quantize_model`` wrapped (name -> scheme) and which Linear layers it left alone."""
+
+    layers: dict[str, QuantScheme] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        counts = Counter(
+            (s.bits, s.group_size, s.symmetric, s.scale_init, s.learnable, s.act_bits) for s in self.layers.values()
+        )
+        lines = [f"quantized {len(self.layers)} Linear layers, left {len(self.skipped)} in full precision"]
+        for (bits, g, sym, init, learn, act), n in sorted(counts.items(), key=lambda kv: -kv[1]):
+            gran = "per-channel" if g is None else f"group {g}"
+            extra = (", learnable qparams" if learn else "") + (f", int{act} activations" if act else "")
+            lines.append(f"  {n:4d} x W{bits} {gran} {'sym' if sym else 'asym'} init={init}{extra}")
+        if self.skipped:
+            shown = ", ".join(self.skipped[:6]) + (" ..." if len(self.skipped) > 6 else "")
+            lines.append(f"  full precision: {shown}")
+        return "\n".join(lines)
+
+
+def _compile(patterns, key: str) -> list[re.Pattern]:
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except re.error as e:
+            raise QuantConfigError(f"{key}: invalid regex {p!r}: {e}") from None
+    return out
+
+
+def quantize_model(
+    model: nn.Module,
+    scheme: QuantScheme,
+    targets: list[str] | tuple[str, ...] | None = None,
+    ignore: list[str] | tuple[str, ...] | None = None,
+    layer_schemes: list[tuple[str, QuantScheme]] | None = None,
+) -> QuantReport:
+    """Replace matching ``nn.Linear`` modules in place by ``QATLinear`` (sharing their weights).
+
+    Raises ``QuantConfigError`` if a pattern matches no Linear layer, or a scheme cannot be
+    applied to a layer (e.g. group size not dividing in_features; the error names the layer).
+    """
+    target_res = _compile(targets or DEFAULT_TARGETS, "targets")
+    ignore_res = _compile(ignore or (), "ignore")
+    override_res = [(re.compile(p), s) for p, s in (layer_schemes or [])]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QATLinear)]
+    if not linears:
+        raise QuantConfigError("the model has no nn.Linear layers to quantize")
+
+    for key, regs in (("targets", target_res), ("ignore", ignore_res), ("layer_schemes", [r for r, _ in override_res])):
+        for r in regs:
+            if not any(r.search(n) for n, _ in linears):
+                raise QuantConfigError(f"{key}: pattern {r.pattern!r} matches no Linear layer of the model")
+
+    report = QuantReport()
+    chosen: dict[str, QuantScheme] = {}
+    for name, _ in linears:
+        if any(r.search(name) for r in target_res) and not any(r.search(name) for r in ignore_res):
+            chosen[name] = next((s for r, s in override_res if r.search(name)), scheme)
+        else:
+            report.skipped.append(name)
+    if not chosen:
+        raise QuantConfigError("targets/ignore leave no Linear layer to quantize")
+
+    for name, s in chosen.items():
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, QATLinear.from_linear(getattr(parent, attr), s, name))
+        report.layers[name] = s
+    return report
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+def qat_linears(model: nn.Module) -> dict[str, QATLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QATLinear)}
+
+
+@torch.no_grad()
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, dict]:
+    """Replace every ``QATLinear`` in place by a plain ``nn.Linear`` holding its on-grid weight
+    (scales rounded to ``dtype`` first when given, so the weights are exactly what a kernel
+    reading a ``dtype`` checkpoint computes). Returns, per layer, the layer description for
+    ``qat_quant.json`` plus its ``QuantizedWeight`` under ``"_qweight"``."""
+    layers = {}
+    for name, layer in qat_linears(model).items():
+        qw = layer.quantized_weight(dtype)
+        target_dtype = dtype or layer.weight.dtype
+        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+        plain.weight = nn.Parameter(qw.dequantize(target_dtype), requires_grad=False)
+        if layer.bias is not None:
+            plain.bias = nn.Parameter(layer.bias.detach().to(target_dtype), requires_grad=False)
+        parent, attr = _parent(model, name)
+        setattr(parent, attr, plain)
+        s = layer.scheme
+        layers[name] = {
+            "bits": s.bits,
+            "group_size": s.group_size,
+            "symmetric": s.symmetric,
+            "frozen": layer.frozen,
+            "act_bits": s.act_bits,
+            "_qweight": qw,
+        }
+    return layers

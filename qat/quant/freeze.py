@@ -1,0 +1,53 @@
+"""Freeze policies: which layers are fixed at their quantized values while the rest trains.
+
+``ov-freeze`` ("Oh! We Freeze", Bhalgat et al., arXiv 2403.18159): the attention value and
+output projections are the layers whose quantization error hurts most; they are set to their
+quantized values and receive no updates. The default patterns use Llama naming (``v_proj``,
+``o_proj``, also Mistral / Qwen2); pass ``patterns`` for other families (OPT: ``v_proj``,
+``out_proj``). ``custom`` freezes the layers matching the given regexes.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import nn
+
+from .linear import QATLinear
+from .scheme import QuantConfigError
+
+POLICIES = ("none", "ov-freeze", "custom")
+OV_PATTERNS: tuple[str, ...] = (r"\.v_proj$", r"\.o_proj$")
+
+
+def apply_freeze(model: nn.Module, policy: str = "none", patterns: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """Freeze the matching Linear layers in place and return their names.
+
+    A ``QATLinear`` is snapped to its grid (``QATLinear.freeze``); a plain Linear (no
+    quantization) just stops receiving gradients. Every pattern must match at least one Linear.
+    """
+    if policy not in POLICIES:
+        raise QuantConfigError(f"freeze policy must be one of {POLICIES}, got {policy!r}")
+    if policy == "none":
+        if patterns:
+            raise QuantConfigError("freeze.patterns given with policy 'none'")
+        return []
+    if policy == "custom" and not patterns:
+        raise QuantConfigError("freeze policy 'custom' needs a non-empty list of patterns")
+    regs = [re.compile(p) for p in (patterns or OV_PATTERNS)]
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    for r in regs:
+        if not any(r.search(n) for n, _ in linears):
+            raise QuantConfigError(
+                f"freeze policy {policy!r}: pattern {r.pattern!r} matches no Linear layer of the model"
+            )
+    frozen = []
+    for name, layer in linears:
+        if any(r.search(name) for r in regs):
+            if isinstance(layer, QATLinear):
+                layer.freeze()
+            else:
+                for p in layer.parameters():
+                    p.requires_grad_(False)
+            frozen.append(name)
+    return frozen

@@ -1,0 +1,221 @@
+"""The quantization grid, written once: qparams, quantize, dequantize, fake-quantize, STE / LSQ.
+
+Every path in qat (QAT training, the PTQ baselines, export) calls these functions, so that the
+weights that were trained are exactly the weights that are evaluated and served.
+
+Shapes: a weight ``w`` is ``[out_features, in_features]``; with ``group_size`` g (or ``None`` =
+one group spanning the whole row, i.e. per-channel) its scale and zero-point are
+``[out_features, in_features // g]``. Zero-points are float tensors holding integers.
+
+Numerics follow compressed-tensors (what vLLM serves):
+``q = clamp(round(w / s + z), qmin, qmax)``, ``w_hat = (q - z) * s``; symmetric scales are
+``absmax / ((qmax - qmin) / 2)`` (so int4 uses absmax / 7.5 and all 16 codes), asymmetric
+``(max - min) / (qmax - qmin)`` with the range widened to include 0; a zero scale becomes the
+dtype's eps. ``fake_quantize(w) == dequantize(quantize(w))`` bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "qrange",
+    "group_view",
+    "minmax_qparams",
+    "mse_clip_ratio",
+    "quantize",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_ste",
+    "round_ste",
+    "fake_quantize_activation",
+    "check_finite",
+]
+
+MSE_CLIP_GRID = 20  # clip ratios 1.0, 0.975, ..., 0.525 searched by the `mse` scale init
+
+
+def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer code range: signed for symmetric, unsigned for asymmetric."""
+    if symmetric:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def group_view(w: Tensor, group_size: int | None) -> Tensor:
+    """``[out, in]`` -> ``[out, n_groups, group_size]`` (a view; per-channel = one group)."""
+    out_features, in_features = w.shape
+    g = in_features if group_size is None else group_size
+    if in_features % g != 0:
+        raise ValueError(f"group_size {g} does not divide in_features {in_features}")
+    return w.reshape(out_features, in_features // g, g)
+
+
+def check_finite(w: Tensor, name: str = "weight") -> None:
+    if not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(f"{name} has {bad} non-finite (inf/NaN) values; cannot quantize it")
+
+
+def _eps(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps
+
+
+@torch.no_grad()
+def minmax_qparams(
+    w: Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    clip_ratio: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Scale and zero-point per (row, group) from the group's range, optionally shrunk by
+    ``clip_ratio`` (a scalar or a ``[out, n_groups]`` tensor in (0, 1])."""
+    check_finite(w)
+    wg = group_view(w, group_size)
+    lo = wg.amin(dim=-1).clamp(max=0)
+    hi = wg.amax(dim=-1).clamp(min=0)
+    if clip_ratio is not None:
+        lo = lo * clip_ratio
+        hi = hi * clip_ratio
+    qmin, qmax = qrange(bits, symmetric)
+    if symmetric:
+        scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
+        zero = torch.zeros_like(scale)
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+    scale = torch.where(scale == 0, torch.full_like(scale, _eps(scale.dtype)), scale)
+    if not symmetric:
+        zero = torch.round((qmin - lo / scale).clamp(qmin, qmax))
+    return scale, zero
+
+
+def _expand(t: Tensor) -> Tensor:
+    return t.unsqueeze(-1)
+
+
+@torch.no_grad()
+def mse_clip_ratio(
+    w: Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    grid: int = MSE_CLIP_GRID,
+    min_ratio: float = 0.5,
+    norm: float = 2.0,
+) -> Tensor:
+    """Per-group clip ratio in ``[min_ratio, 1]`` minimising ``sum |w - Q(w)|^norm`` over the group."""
+    best_err = None
+    best_ratio = None
+    wg = group_view(w, group_size)
+    for i in range(grid):
+        r = 1.0 - (1.0 - min_ratio) * i / grid
+        scale, zero = minmax_qparams(w, bits, group_size, symmetric, clip_ratio=r)
+        err = (fake_quantize(w, scale, zero, bits, symmetric, group_size) - w).abs().pow(norm)
+        err = group_view(err, group_size).sum(-1)
+        ratio = torch.full(err.shape, r, dtype=wg.dtype, device=w.device)
+        if best_err is None:
+            best_err, best_ratio = err, ratio
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_ratio = torch.where(better, ratio, best_ratio)
+    return best_ratio
+
+
+def quantize(
+    w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None
+) -> Tensor:
+    """Integer codes ``clamp(round(w / s + z), qmin, qmax)`` as int32, shape of ``w``."""
+    qmin, qmax = qrange(bits, symmetric)
+    v = group_view(w, group_size) / _expand(scale) + _expand(zero)
+    return torch.round(v).clamp(qmin, qmax).reshape(w.shape).to(torch.int32)
+
+
+def dequantize(
+    codes: Tensor, scale: Tensor, zero: Tensor, group_size: int | None, dtype: torch.dtype | None = None
+) -> Tensor:
+    """``(q - z) * s`` computed in the scale's dtype, then cast to ``dtype`` (default: scale's)."""
+    q = group_view(codes, group_size).to(scale.dtype)
+    w = ((q - _expand(zero)) * _expand(scale)).reshape(codes.shape)
+    return w if dtype is None else w.to(dtype)
+
+
+def fake_quantize(
+    w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None
+) -> Tensor:
+    """``dequantize(quantize(w))`` in one pass, bit-exactly, in the scale's dtype (no autograd rule)."""
+    qmin, qmax = qrange(bits, symmetric)
+    s, z = _expand(scale), _expand(zero)
+    q = torch.round(group_view(w, group_size) / s + z).clamp(qmin, qmax)
+    return ((q - z) * s).reshape(w.shape)
+
+
+class _FakeQuantSTE(torch.autograd.Function):
+    """Fake-quantize with a straight-through estimator for ``w`` and LSQ gradients for the
+    scale and zero-point.
+
+    With ``v = w / s + z`` and ``q = clamp(round(v), qmin, qmax)``, ``y = (q - z) * s``:
+
+    - ``dy/dw = 1`` where ``qmin <= v <= qmax`` (in range), else 0 (clipped);
+    - ``dy/ds = q - v`` in range (LSQ: round treated as identity in the derivative), ``q - z`` clipped;
+    - ``dy/dz = 0`` in range, ``-s`` clipped.
+
+    Only a boolean mask is kept for the backward when the qparams need no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, w, scale, zero, bits: int, symmetric: bool, group_size: int | None):
+        qmin, qmax = qrange(bits, symmetric)
+        s, z = _expand(scale), _expand(zero)
+        v = group_view(w, group_size) / s + z
+        q = torch.round(v).clamp(qmin, qmax)
+        y = ((q - z) * s).reshape(w.shape)
+        in_range = (v >= qmin) & (v <= qmax)
+        ctx.group_size = group_size
+        ctx.qparam_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+        if ctx.qparam_grads:
+            ctx.save_for_backward(in_range, v, q, scale, zero)
+        else:
+            ctx.save_for_backward(in_range)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        in_range = ctx.saved_tensors[0]
+        gyg = group_view(gy, ctx.group_size)
+        gw = (gyg * in_range).reshape(gy.shape) if ctx.needs_input_grad[0] else None
+        gs = gz = None
+        if ctx.qparam_grads:
+            _, v, q, scale, zero = ctx.saved_tensors
+            if ctx.needs_input_grad[1]:
+                ds = torch.where(in_range, q - v, q - _expand(zero))
+                gs = (gyg * ds).sum(-1).to(scale.dtype)
+            if ctx.needs_input_grad[2]:
+                gz = (gyg * torch.where(in_range, 0.0, -_expand(scale))).sum(-1).to(zero.dtype)
+        return gw, gs, gz, None, None, None
+
+
+def fake_quantize_ste(
+    w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None
+) -> Tensor:
+    """``fake_quantize`` with the STE / LSQ autograd rule (same forward values, bit for bit)."""
+    return _FakeQuantSTE.apply(w, scale, zero, bits, symmetric, group_size)
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """``round(x)`` whose gradient is the identity (for learnable integer zero-points)."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize_activation(x: Tensor, bits: int = 8) -> Tensor:
+    """Per-token dynamic symmetric fake-quant of activations (last dim = features), STE gradient.
+
+    The scale is ``absmax / qmax`` per token, so nothing is clipped and the STE is the identity.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    xf = x.float()
+    scale = (xf.detach().abs().amax(dim=-1, keepdim=True) / qmax).clamp(min=_eps(torch.float32))
+    xq = (torch.round(xf / scale).clamp(-qmax - 1, qmax) * scale).to(x.dtype)
+    return x + (xq - x).detach()

@@ -1,0 +1,175 @@
+"""The fake-quant Linear: a latent full-precision weight, quantized inside ``forward``.
+
+Why a module swap (a subclass of ``nn.Linear`` put in place of the original) and not
+``torch.nn.utils.parametrize``:
+
+- the latent weight keeps its name ``weight``, so ``state_dict`` keys, Hugging Face
+  ``save_pretrained`` / ``from_pretrained`` and PEFT's target matching see an ordinary Linear;
+  a parametrization renames it to ``parametrizations.weight.original``;
+- FSDP2 (``fully_shard``) all-gathers parameters in a pre-forward hook; the fake-quant runs in
+  ``forward`` on the gathered weight, so sharding needs nothing special. Parametrizations run
+  at attribute access and their caching interacts badly with sharded / DTensor parameters;
+- the quantization parameters (scale, zero-point, clip ratio) live next to the weight as
+  ordinary parameters or buffers, so optimizers, checkpoints and ``accelerator.save_state``
+  handle them with no extra code;
+- ``isinstance(layer, nn.Linear)`` still holds.
+
+Three modes, chosen by the scheme and the freeze policy:
+
+- *dynamic* (default): scale and zero-point are recomputed from the latent weight in every
+  forward (min-max, times a per-group clip ratio fixed at wrap time: 1 for ``minmax``, the
+  searched ratio for ``mse``); gradients reach the weight through the STE.
+- *learnable* (``scheme.learnable``): ``weight_scale`` and ``weight_zero_point`` are parameters
+  initialised from the scheme's ``scale_init`` and trained with LSQ gradients.
+- *frozen* (``freeze()``): the latent weight is replaced by its on-grid value, the qparams are
+  fixed as buffers and nothing receives gradients; the layer stays bit-identical afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .grid import (
+    check_finite,
+    dequantize,
+    fake_quantize_activation,
+    fake_quantize_ste,
+    minmax_qparams,
+    mse_clip_ratio,
+    quantize,
+    round_ste,
+)
+from .scheme import QuantScheme
+
+
+@dataclass
+class QuantizedWeight:
+    """What export needs: integer codes and the qparams that map them back to weights."""
+
+    codes: Tensor  # int32 [out, in]
+    scale: Tensor  # [out, n_groups]
+    zero_point: Tensor  # [out, n_groups], integer-valued (0 when symmetric)
+    scheme: QuantScheme
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
+        return dequantize(self.codes, self.scale, self.zero_point, self.scheme.group_size, dtype)
+
+
+class QATLinear(nn.Linear):
+    def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, **kw):
+        super().__init__(in_features, out_features, bias=bias, **kw)
+        self.scheme = scheme
+        self.frozen = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, name: str = "") -> "QATLinear":
+        """Wrap ``linear`` (sharing its weight and bias tensors) and initialise the qparams."""
+        scheme.check_layer(name or "linear", linear.in_features)
+        check_finite(linear.weight.detach(), f"{name or 'linear'}.weight")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight
+        new.bias = linear.bias
+        new.scheme = scheme
+        new.frozen = False
+        new._init_qparams()
+        return new
+
+    # -- qparams -------------------------------------------------------------------------
+    def _init_qparams(self) -> None:
+        s = self.scheme
+        w = self.weight.detach().float()
+        if s.scale_init == "mse":
+            ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric)
+        else:
+            ratio = torch.ones(group_count(self), device=w.device)
+        if s.learnable:
+            scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio)
+            self.weight_scale = nn.Parameter(scale.to(self.weight.dtype))
+            self.weight_zero_point = nn.Parameter(zero.to(self.weight.dtype), requires_grad=not s.symmetric)
+        else:
+            self.register_buffer("clip_ratio", ratio)
+
+    def qparams(self) -> tuple[Tensor, Tensor]:
+        """Current (scale, zero_point); differentiable in learnable mode."""
+        s = self.scheme
+        if self.frozen:
+            return self.weight_scale, self.weight_zero_point
+        if s.learnable:
+            qmin, qmax = s.qmin, s.qmax
+            return self.weight_scale, round_ste(self.weight_zero_point).clamp(qmin, qmax)
+        w = self.weight.detach()
+        if w.dtype in (torch.float16, torch.bfloat16):
+            w = w.float()  # the grid is computed in at least fp32
+        return minmax_qparams(w, s.bits, s.group_size, s.symmetric, self.clip_ratio)
+
+    # -- forward -------------------------------------------------------------------------
+    def fake_quantized_weight(self) -> Tensor:
+        if self.frozen:
+            return self.weight  # already on the grid of the fixed qparams
+        s = self.scheme
+        scale, zero = self.qparams()
+        w = fake_quantize_ste(self.weight, scale, zero, s.bits, s.symmetric, s.group_size)
+        return w.to(self.weight.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.scheme.act_bits is not None:
+            x = fake_quantize_activation(x, self.scheme.act_bits)
+        return F.linear(x, self.fake_quantized_weight(), self.bias)
+
+    # -- export --------------------------------------------------------------------------
+    @torch.no_grad()
+    def quantized_weight(self, dtype: torch.dtype | None = None) -> QuantizedWeight:
+        """Integer codes + qparams. With ``dtype``, the scale is rounded to it first (the codes
+        are kept), so ``dequantize(dtype)`` is exactly what a kernel computes from a checkpoint
+        whose scales are stored in ``dtype``."""
+        s = self.scheme
+        scale, zero = (t.detach() for t in self.qparams())
+        codes = quantize(self.weight.detach().to(scale.dtype), scale, zero, s.bits, s.symmetric, s.group_size)
+        if dtype is not None:
+            scale, zero = scale.to(dtype), zero.to(dtype)
+        return QuantizedWeight(codes, scale, zero, s)
+
+    @torch.no_grad()
+    def on_grid_weight(self, dtype: torch.dtype | None = None) -> Tensor:
+        """The dequantized weight (what forward uses), in ``dtype`` (default: the weight's)."""
+        return self.quantized_weight(dtype).dequantize(dtype or self.weight.dtype)
+
+    # -- freezing ------------------------------------------------------------------------
+    @torch.no_grad()
+    def freeze(self) -> None:
+        """Fix this layer at its quantized value: weight := on-grid weight, qparams fixed,
+        no gradients for weight, bias or qparams."""
+        if self.frozen:
+            return
+        qw = self.quantized_weight()
+        self.weight.data.copy_(qw.dequantize(self.weight.dtype))
+        for name in ("weight_scale", "weight_zero_point", "clip_ratio"):
+            if name in self._parameters:
+                del self._parameters[name]
+            if name in self._buffers:
+                del self._buffers[name]
+        self.register_buffer("weight_scale", qw.scale.clone())
+        self.register_buffer("weight_zero_point", qw.zero_point.clone())
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.frozen = True
+
+    def extra_repr(self) -> str:
+        s = self.scheme
+        group = "channel" if s.group_size is None else f"g{s.group_size}"
+        mode = "frozen" if self.frozen else ("learnable" if s.learnable else "dynamic")
+        sym = "sym" if s.symmetric else "asym"
+        act = f", a{s.act_bits}" if s.act_bits else ""
+        return f"{super().extra_repr()}, w{s.bits} {group} {sym} {mode}{act}"
+
+
+def group_count(layer: nn.Linear) -> tuple[int, int]:
+    g = layer.scheme.group_size or layer.in_features
+    return (layer.out_features, layer.in_features // g)
