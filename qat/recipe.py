@@ -34,7 +34,8 @@ def _as_list(v):
 class ModelSection(_Section):
     path: str | None = Field(None, description="HF hub id or local directory of a pretrained model")
     config: dict[str, Any] | None = Field(None, description="inline config (with model_type) for a from-scratch model")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="master weights of the student")
+    save_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of final/ (default: dtype)")
     revision: str | None = None
     trust_remote_code: bool = False
     attn_implementation: str | None = "sdpa"

@@ -53,6 +53,8 @@ def group_view(w: Tensor, group_size: int | None) -> Tensor:
 
 
 def check_finite(w: Tensor, name: str = "weight") -> None:
+    if w.is_meta:  # shape-only dry runs (recipe validation before weights load)
+        return
     if not torch.isfinite(w).all():
         bad = (~torch.isfinite(w)).sum().item()
         raise ValueError(f"{name} has {bad} non-finite (inf/NaN) values; cannot quantize it")
