@@ -68,7 +68,8 @@ def quantize_model(
     """
     target_res = _compile(targets or DEFAULT_TARGETS, "targets")
     ignore_res = _compile(ignore or (), "ignore")
-    override_res = [(re.compile(p), s) for p, s in (layer_schemes or [])]
+    overrides = list(layer_schemes or [])
+    override_res = list(zip(_compile([p for p, _ in overrides], "layer_schemes"), [s for _, s in overrides]))
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QATLinear)]
     if not linears:
         raise QuantConfigError("the model has no nn.Linear layers to quantize")
@@ -88,6 +89,9 @@ def quantize_model(
     if not chosen:
         raise QuantConfigError("targets/ignore leave no Linear layer to quantize")
 
+    modules = dict(linears)
+    for name, s in chosen.items():  # validate every layer before changing any
+        s.check_layer(name, modules[name].in_features)
     for name, s in chosen.items():
         parent, attr = _parent(model, name)
         setattr(parent, attr, QATLinear.from_linear(getattr(parent, attr), s, name))

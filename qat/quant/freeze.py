@@ -34,7 +34,12 @@ def apply_freeze(model: nn.Module, policy: str = "none", patterns: list[str] | t
         return []
     if policy == "custom" and not patterns:
         raise QuantConfigError("freeze policy 'custom' needs a non-empty list of patterns")
-    regs = [re.compile(p) for p in (patterns or OV_PATTERNS)]
+    regs = []
+    for p in patterns or OV_PATTERNS:
+        try:
+            regs.append(re.compile(p))
+        except re.error as e:
+            raise QuantConfigError(f"freeze policy {policy!r}: invalid regex {p!r}: {e}") from None
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for r in regs:
         if not any(r.search(n) for n, _ in linears):
@@ -49,5 +54,6 @@ def apply_freeze(model: nn.Module, policy: str = "none", patterns: list[str] | t
             else:
                 for p in layer.parameters():
                     p.requires_grad_(False)
+                    p.grad = None  # a stale (even zero) grad would still let AdamW move it
             frozen.append(name)
     return frozen

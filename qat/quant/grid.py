@@ -89,12 +89,32 @@ def minmax_qparams(
         scale = (hi - lo) / (qmax - qmin)
     scale = torch.where(scale == 0, torch.full_like(scale, _eps(scale.dtype)), scale)
     if not symmetric:
-        zero = torch.round((qmin - lo / scale).clamp(qmin, qmax))
+        # in compressed-tensors' signed domain, then shifted (bit-identical zero-points)
+        off = _asym_offset(bits)
+        zero = torch.round((qmin - off - lo / scale).clamp(qmin - off, qmax - off)) + off
     return scale, zero
 
 
 def _expand(t: Tensor) -> Tensor:
     return t.unsqueeze(-1)
+
+
+def _asym_offset(bits: int) -> int:
+    return 2 ** (bits - 1)
+
+
+def _signed_codes(wg: Tensor, s: Tensor, z: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor, Tensor, int, int]:
+    """``v = w / s + z`` and ``q = clamp(round(v), qmin, qmax)`` computed in the *signed* code
+    domain, as compressed-tensors does: asymmetric codes and zero-points are shifted by
+    ``-2^(b-1)`` first (exact for these small integers), so ``w / s + z`` is rounded to float at
+    the same magnitude as theirs and ties round the same way. Returns ``(v, q, z, lo, hi)``
+    in that domain; unsigned codes are ``q + 2^(b-1)`` and ``q - z`` is unchanged."""
+    qmin, qmax = qrange(bits, symmetric)
+    if not symmetric:
+        off = _asym_offset(bits)
+        z, qmin, qmax = z - off, qmin - off, qmax - off
+    v = wg / s + z
+    return v, torch.round(v).clamp(qmin, qmax), z, qmin, qmax
 
 
 @torch.no_grad()
@@ -130,9 +150,10 @@ def quantize(
     w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None
 ) -> Tensor:
     """Integer codes ``clamp(round(w / s + z), qmin, qmax)`` as int32, shape of ``w``."""
-    qmin, qmax = qrange(bits, symmetric)
-    v = group_view(w, group_size) / _expand(scale) + _expand(zero)
-    return torch.round(v).clamp(qmin, qmax).reshape(w.shape).to(torch.int32)
+    _, q, _, _, _ = _signed_codes(group_view(w, group_size), _expand(scale), _expand(zero), bits, symmetric)
+    if not symmetric:
+        q = q + _asym_offset(bits)
+    return q.reshape(w.shape).to(torch.int32)
 
 
 def dequantize(
@@ -148,9 +169,8 @@ def fake_quantize(
     w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None
 ) -> Tensor:
     """``dequantize(quantize(w))`` in one pass, bit-exactly, in the scale's dtype (no autograd rule)."""
-    qmin, qmax = qrange(bits, symmetric)
-    s, z = _expand(scale), _expand(zero)
-    q = torch.round(group_view(w, group_size) / s + z).clamp(qmin, qmax)
+    s = _expand(scale)
+    _, q, z, _, _ = _signed_codes(group_view(w, group_size), s, _expand(zero), bits, symmetric)
     return ((q - z) * s).reshape(w.shape)
 
 
@@ -169,16 +189,14 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, scale, zero, bits: int, symmetric: bool, group_size: int | None):
-        qmin, qmax = qrange(bits, symmetric)
-        s, z = _expand(scale), _expand(zero)
-        v = group_view(w, group_size) / s + z
-        q = torch.round(v).clamp(qmin, qmax)
+        s = _expand(scale)
+        v, q, z, qmin, qmax = _signed_codes(group_view(w, group_size), s, _expand(zero), bits, symmetric)
         y = ((q - z) * s).reshape(w.shape)
         in_range = (v >= qmin) & (v <= qmax)
         ctx.group_size = group_size
         ctx.qparam_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         if ctx.qparam_grads:
-            ctx.save_for_backward(in_range, v, q, scale, zero)
+            ctx.save_for_backward(in_range, v, q, scale, z)  # v, q, z in the signed domain
         else:
             ctx.save_for_backward(in_range)
         return y
@@ -190,12 +208,12 @@ class _FakeQuantSTE(torch.autograd.Function):
         gw = (gyg * in_range).reshape(gy.shape) if ctx.needs_input_grad[0] else None
         gs = gz = None
         if ctx.qparam_grads:
-            _, v, q, scale, zero = ctx.saved_tensors
+            _, v, q, scale, z = ctx.saved_tensors
             if ctx.needs_input_grad[1]:
-                ds = torch.where(in_range, q - v, q - _expand(zero))
+                ds = torch.where(in_range, q - v, q - z)
                 gs = (gyg * ds).sum(-1).to(scale.dtype)
             if ctx.needs_input_grad[2]:
-                gz = (gyg * torch.where(in_range, 0.0, -_expand(scale))).sum(-1).to(zero.dtype)
+                gz = (gyg * torch.where(in_range, 0.0, -_expand(scale))).sum(-1).to(z.dtype)
         return gw, gs, gz, None, None, None
 
 

@@ -21,8 +21,10 @@ Three modes, chosen by the scheme and the freeze policy:
   searched ratio for ``mse``); gradients reach the weight through the STE.
 - *learnable* (``scheme.learnable``): ``weight_scale`` and ``weight_zero_point`` are parameters
   initialised from the scheme's ``scale_init`` and trained with LSQ gradients.
-- *frozen* (``freeze()``): the latent weight is replaced by its on-grid value, the qparams are
-  fixed as buffers and nothing receives gradients; the layer stays bit-identical afterwards.
+- *fixed* (``set_qparams()``, used by PTQ): the qparams are given buffers and the weight is
+  snapped onto their grid; forward fake-quantizes with them.
+- *frozen* (``freeze()``): fixed at the current qparams, and nothing receives gradients; the
+  layer stays bit-identical afterwards.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from torch import Tensor, nn
 from .grid import (
     check_finite,
     dequantize,
+    fake_quantize,
     fake_quantize_activation,
     fake_quantize_ste,
     minmax_qparams,
@@ -64,6 +67,7 @@ class QATLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias, **kw)
         self.scheme = scheme
         self.frozen = False
+        self.fixed = False
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, name: str = "") -> "QATLinear":
@@ -77,6 +81,7 @@ class QATLinear(nn.Linear):
         new.bias = linear.bias
         new.scheme = scheme
         new.frozen = False
+        new.fixed = False
         new._init_qparams()
         return new
 
@@ -98,7 +103,7 @@ class QATLinear(nn.Linear):
     def qparams(self) -> tuple[Tensor, Tensor]:
         """Current (scale, zero_point); differentiable in learnable mode."""
         s = self.scheme
-        if self.frozen:
+        if self.fixed:
             return self.weight_scale, self.weight_zero_point
         if s.learnable:
             qmin, qmax = s.qmin, s.qmax
@@ -110,8 +115,6 @@ class QATLinear(nn.Linear):
 
     # -- forward -------------------------------------------------------------------------
     def fake_quantized_weight(self) -> Tensor:
-        if self.frozen:
-            return self.weight  # already on the grid of the fixed qparams
         s = self.scheme
         scale, zero = self.qparams()
         w = fake_quantize_ste(self.weight, scale, zero, s.bits, s.symmetric, s.group_size)
@@ -140,31 +143,47 @@ class QATLinear(nn.Linear):
         """The dequantized weight (what forward uses), in ``dtype`` (default: the weight's)."""
         return self.quantized_weight(dtype).dequantize(dtype or self.weight.dtype)
 
-    # -- freezing ------------------------------------------------------------------------
+    # -- fixing and freezing ------------------------------------------------------------
+    @torch.no_grad()
+    def set_qparams(self, scale: Tensor, zero_point: Tensor, weight: Tensor | None = None) -> None:
+        """Fix the qparams (mode *fixed*; PTQ results use this) and snap the weight (``weight``
+        if given, else the current latent one) onto their grid. Forward keeps fake-quantizing
+        with these qparams; the weight may still train (through the STE) unless frozen."""
+        s = self.scheme
+        if weight is not None:
+            self.weight.data.copy_(weight)
+        scale, zero_point = scale.detach().clone(), zero_point.detach().clone()
+        snapped = fake_quantize(self.weight.detach().to(scale.dtype), scale, zero_point, s.bits, s.symmetric, s.group_size)
+        self.weight.data.copy_(snapped)
+        for name in ("weight_scale", "weight_zero_point", "clip_ratio"):
+            self._parameters.pop(name, None)
+            self._buffers.pop(name, None)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("weight_zero_point", zero_point)
+        self.fixed = True
+
     @torch.no_grad()
     def freeze(self) -> None:
         """Fix this layer at its quantized value: weight := on-grid weight, qparams fixed,
         no gradients for weight, bias or qparams."""
         if self.frozen:
             return
-        qw = self.quantized_weight()
-        self.weight.data.copy_(qw.dequantize(self.weight.dtype))
-        for name in ("weight_scale", "weight_zero_point", "clip_ratio"):
-            if name in self._parameters:
-                del self._parameters[name]
-            if name in self._buffers:
-                del self._buffers[name]
-        self.register_buffer("weight_scale", qw.scale.clone())
-        self.register_buffer("weight_zero_point", qw.zero_point.clone())
+        if not self.fixed:
+            self.set_qparams(*self.qparams())
+        # drop stale gradients too: an optimizer steps every parameter whose .grad is not None
+        # (zero_grad(set_to_none=False) keeps a zero tensor), so AdamW momentum / weight decay
+        # would otherwise keep moving the frozen weight off its grid
         self.weight.requires_grad_(False)
+        self.weight.grad = None
         if self.bias is not None:
             self.bias.requires_grad_(False)
+            self.bias.grad = None
         self.frozen = True
 
     def extra_repr(self) -> str:
         s = self.scheme
         group = "channel" if s.group_size is None else f"g{s.group_size}"
-        mode = "frozen" if self.frozen else ("learnable" if s.learnable else "dynamic")
+        mode = "frozen" if self.frozen else "fixed" if self.fixed else "learnable" if s.learnable else "dynamic"
         sym = "sym" if s.symmetric else "asym"
         act = f", a{s.act_bits}" if s.act_bits else ""
         return f"{super().extra_repr()}, w{s.bits} {group} {sym} {mode}{act}"

@@ -34,7 +34,7 @@ class QuantScheme:
     act_bits: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
             raise QuantConfigError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits!r}")
         if self.group_size is not None and (
             isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or self.group_size <= 0

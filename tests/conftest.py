@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny random Llama built from a config, and the pretrained llama-tiny fixture.
+
+Read-only fixtures live beside the repository, in ``../shared`` (CI provides them); tests that
+need them skip with a clear reason when they are absent.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED = REPO_ROOT.parent / "shared"
+LLAMA_TINY = SHARED / "models" / "llama-tiny"
+
+
+def make_tiny_llama(seed: int = 0):
+    """A 2-block Llama (hidden 64, 4 heads, MLP 128, vocab 256), seeded, fp32, eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        intermediate_size=128,
+        vocab_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    return model.eval()
+
+
+def make_tiny_opt(seed: int = 0):
+    """A 2-block OPT (``model.decoder.layers.N.{self_attn.{q,k,v,out}_proj, fc1, fc2}``)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        ffn_dim=128,
+        vocab_size=256,
+        max_position_embeddings=128,
+        word_embed_proj_dim=64,
+    )
+    torch.manual_seed(seed)
+    return OPTForCausalLM(config).to(torch.float32).eval()
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_opt():
+    return make_tiny_opt()
+
+
+@pytest.fixture
+def llama_tiny_path() -> Path:
+    if not (LLAMA_TINY / "config.json").is_file():
+        pytest.skip("../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
+    return LLAMA_TINY
