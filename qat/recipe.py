@@ -51,7 +51,7 @@ class ModelSection(_Section):
 
 class TokenizerSection(_Section):
     path: str | None = Field(None, description="defaults to model.path")
-    train_vocab_size: int | None = Field(None, gt=255, description="train a byte-level BPE on the training data")
+    train_vocab_size: int | None = Field(None, ge=257, description="train a byte-level BPE on the training data")
 
 
 class TeacherSection(_Section):
@@ -158,6 +158,10 @@ class DataSection(_Section):
             raise ValueError("data.source 'files' needs data.files")
         if self.source == "hf" and not self.name:
             raise ValueError("data.source 'hf' needs data.name")
+        if self.source != "files" and self.files:
+            raise ValueError(f"data.files is only for data.source 'files' (source is {self.source!r})")
+        if self.source != "hf" and self.valid_split:
+            raise ValueError("data.valid_split is only for data.source 'hf' (use valid_files or valid_fraction)")
         held_out = [bool(self.valid_files), bool(self.valid_split), self.valid_fraction > 0]
         if sum(held_out) > 1:
             raise ValueError("set at most one of data.valid_files, data.valid_split, data.valid_fraction")
@@ -210,6 +214,51 @@ class CheckpointSection(_Section):
     resume: str | None = Field(None, description="'auto' (newest complete checkpoint) or a checkpoint dir")
 
 
+PTQ_METHODS = ("rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx")
+
+
+class GPTQOptions(_Section):
+    damp: float = Field(0.01, gt=0, description="dampening: this fraction of mean(diag H) is added to diag H")
+    block_size: int = Field(128, gt=0, description="columns per lazy-batch update")
+    act_order: bool = Field(False, description="visit columns by decreasing diag(H) (implies static groups)")
+    static_groups: bool = Field(False, description="group qparams from the original weight, before any update")
+    true_sequential: bool = Field(True, description="inside a block, calibrate each layer group on the already-quantized ones")
+
+
+class AWQOptions(_Section):
+    grid: int = Field(20, gt=0, description="alpha grid 0, 1/grid, ..., (grid-1)/grid for s = mean|x|^alpha")
+    search_tokens: int = Field(65536, gt=0, description="calibration tokens the scale search runs the block on")
+    clip: bool = Field(True, description="weight clipping search after scaling")
+    clip_grid: int = Field(20, gt=0)
+    clip_min: float = Field(0.5, gt=0, le=1, description="smallest clip ratio searched")
+
+
+class QERAOptions(_Section):
+    rank: int = Field(32, gt=0, description="rank of the low-rank correction (LoRA r)")
+    base: Literal["rtn", "gptq"] = Field("rtn", description="the quantized base the correction is added to")
+    damp: float = Field(1e-6, gt=0, description="R + damp * mean(diag R) * I when R is singular")
+
+
+class PTQSection(_Section):
+    methods: list[Literal["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx"]] = Field(
+        ["rtn", "gptq", "awq", "qera-exact"], description="the PTQ baselines `qat compare` runs"
+    )
+    calib_tokens: int | None = Field(
+        None, ge=0, description="default: the QAT run's budget, train.max_steps x micro_batch_size x grad_accum x seq_len, capped by the data"
+    )
+    batch_size: int = Field(8, gt=0, description="calibration sequences per forward")
+    device: str | None = Field(None, description="default: cuda if available, else cpu")
+    offload: Literal["auto", "always", "never"] = Field(
+        "auto", description="keep the model on the CPU and move one block at a time to the device (auto: when it does not fit)"
+    )
+    diag_tokens: int = Field(32768, gt=0, description="held-out validation tokens for the per-layer output error")
+    gptq: GPTQOptions = GPTQOptions()
+    awq: AWQOptions = AWQOptions()
+    qera: QERAOptions = QERAOptions()
+
+    _lists = field_validator("methods", mode="before")(_as_list)
+
+
 class Recipe(_Section):
     output_dir: str
     model: ModelSection
@@ -223,6 +272,7 @@ class Recipe(_Section):
     eval: EvalSection = EvalSection()
     tracking: TrackingSection = TrackingSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    ptq: PTQSection = PTQSection()
 
     @model_validator(mode="after")
     def _cross(self):

@@ -206,12 +206,11 @@ def init_tracking(recipe: Recipe, accelerator, out: Path) -> None:
     tr = recipe.tracking
     if not accelerator.log_with:
         return
+    wandb_kw = {"name": tr.run_name, "tags": tr.tags, "dir": str(out), "entity": tr.entity}
+    if "WANDB_MODE" not in os.environ:  # the environment wins (e.g. WANDB_MODE=offline on a cluster)
+        wandb_kw["mode"] = tr.mode
     try:
-        accelerator.init_trackers(
-            tr.wandb_project,
-            config=recipe.to_dict(),
-            init_kwargs={"wandb": {"name": tr.run_name, "tags": tr.tags, "dir": str(out), "entity": tr.entity}},
-        )
+        accelerator.init_trackers(tr.wandb_project, config=recipe.to_dict(), init_kwargs={"wandb": wandb_kw})
     except Exception as e:
         warnings.warn(f"wandb could not start ({e.__class__.__name__}: {e}); continuing with metrics.jsonl only")
         accelerator.log_with = []
@@ -224,9 +223,6 @@ def make_accelerator(recipe: Recipe, out: Path):
 
     tr = recipe.tracking
     use_wandb = tr.wandb_project is not None and tr.mode != "disabled" and is_wandb_available()
-    if use_wandb:
-        os.environ.setdefault("WANDB_MODE", tr.mode)
-        os.environ.setdefault("WANDB_DIR", str(out))
     if tr.wandb_project is not None and tr.mode != "disabled" and not use_wandb:
         warnings.warn("tracking.wandb_project is set but wandb is not installed (pip install 'qat[wandb]')")
     return Accelerator(
@@ -244,6 +240,12 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     out = Path(recipe.output_dir)
     resume_from = check_output_dir(recipe, overwrite)
     accelerator = make_accelerator(recipe, out)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: each would train "
+            "alone. On a machine without GPUs set ACCELERATE_USE_CPU=1 (see launch/cpu-2proc.yaml)."
+        )
     main = accelerator.is_main_process
     if main:
         if overwrite and resume_from is None:
