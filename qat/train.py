@@ -291,7 +291,11 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     optimizer = build_optimizer(student, recipe)
     student, optimizer = accelerator.prepare(student, optimizer)
     if teacher is not None:
-        teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
+        # sharded like the student under FSDP; elsewhere only placed (DDP refuses a model with
+        # nothing to train, and a frozen teacher needs no gradient sync)
+        from accelerate.utils import DistributedType
+
+        teacher = accelerator.prepare_model(teacher, evaluation_mode=accelerator.distributed_type != DistributedType.FSDP)
     trainable = [p for p in student.parameters() if p.requires_grad]
 
     step = 0
