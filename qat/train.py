@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import resource
 import shutil
 import time
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, read_state, save_checkpoint
+from .checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint
 from .data import build_datasets, load_documents, train_tokenizer
 from .distill import ce_loss, kd_loss
 from .eval import perplexity
@@ -40,31 +41,65 @@ RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.json", "checkpoints", "final"
 
 # -- setup ---------------------------------------------------------------------------------
 def check_output_dir(recipe: Recipe, overwrite: bool) -> Path | None:
-    """Refuse to clobber another run; return the checkpoint to resume from, if any."""
+    """Refuse to clobber another run; return the checkpoint to resume from, if any. Writes nothing.
+
+    Every file of a run lives under output_dir: a run file that is a symbolic link (which could
+    point anywhere) is refused, and a checkpoint from elsewhere only starts a run in a directory
+    that holds none (or with --overwrite)."""
     out = Path(recipe.output_dir)
+    for f in RUN_FILES:
+        if (out / f).is_symlink():
+            raise RecipeError(f"output_dir: {out / f} is a symbolic link; qat writes only inside output_dir, remove it")
+    holds_run = any((out / f).exists() for f in ("recipe.yaml", "metrics.jsonl", "final", "checkpoints"))
     resume = recipe.checkpoint.resume
     if resume == "auto":
         return latest_checkpoint(out / "checkpoints")
     if resume is not None:
+        ckpt = Path(resume).resolve()
+        if holds_run and not overwrite and (out / "checkpoints").resolve() not in ckpt.parents:
+            raise RecipeError(
+                f"checkpoint.resume: {resume} is not a checkpoint of the run in output_dir {out}; "
+                "pass --overwrite to replace that run, or choose another output_dir"
+            )
         return Path(resume)
-    if not overwrite and any((out / f).exists() for f in ("recipe.yaml", "metrics.jsonl", "final", "checkpoints")):
+    if not overwrite and holds_run:
         raise RecipeError(
             f"output_dir: {out} already holds a run; pass --overwrite to replace it or checkpoint.resume=auto to continue it"
         )
     return None
 
 
-def load_tokenizer(recipe: Recipe, out: Path, accelerator):
+def start_run_dir(recipe: Recipe, out: Path, tokenizer, clear: bool) -> None:
+    """Create the run directory (after --overwrite: emptied of the old run's files), with the
+    resolved recipe and a trained tokenizer."""
+    if clear:
+        for f in RUN_FILES:
+            p = out / f
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    if recipe.tokenizer_path is None and not (out / "tokenizer" / "tokenizer.json").exists():
+        tokenizer.save_pretrained(out / "tokenizer")
+
+
+def load_tokenizer(recipe: Recipe, out: Path, reuse_trained: bool):
+    """The recipe's tokenizer, or one trained on the training data (in memory: the run directory
+    gets it in ``start_run_dir``); ``reuse_trained``: take the run's own ``tokenizer/`` if there."""
     from transformers import AutoTokenizer
 
     if recipe.tokenizer_path is not None:
-        return AutoTokenizer.from_pretrained(recipe.tokenizer_path, trust_remote_code=recipe.model.trust_remote_code)
+        key = "tokenizer.path" if recipe.tokenizer.path else "model.path"
+        try:
+            return AutoTokenizer.from_pretrained(recipe.tokenizer_path, trust_remote_code=recipe.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{key}: could not load a tokenizer from {recipe.tokenizer_path}: {_first_line(e)}") from None
     tok_dir = out / "tokenizer"  # trained once per run, reused on resume
-    if accelerator.is_main_process and not (tok_dir / "tokenizer.json").exists():
-        tok = train_tokenizer(load_documents(recipe.data, "train"), recipe.tokenizer.train_vocab_size)
-        tok.save_pretrained(tok_dir)
-    accelerator.wait_for_everyone()
-    return AutoTokenizer.from_pretrained(tok_dir)
+    if reuse_trained and (tok_dir / "tokenizer.json").exists():
+        return AutoTokenizer.from_pretrained(tok_dir)
+    try:
+        return train_tokenizer(load_documents(recipe.data, "train"), recipe.tokenizer.train_vocab_size)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
 
 
 def model_config(recipe: Recipe, tokenizer):
@@ -72,12 +107,22 @@ def model_config(recipe: Recipe, tokenizer):
 
     m = recipe.model
     if m.path is not None:
-        return AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        try:
+            return AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"model.path: could not load the config of {m.path}: {_first_line(e)}") from None
     kw = dict(m.config)
     kw.setdefault("vocab_size", len(tokenizer))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         kw.setdefault(key, getattr(tokenizer, key))
-    return AutoConfig.for_model(**kw)
+    try:
+        return AutoConfig.for_model(**kw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise RecipeError(f"model.config: {_first_line(e)}") from None
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
 
 
 def dry_run_quant(recipe: Recipe, config) -> None:
@@ -85,13 +130,35 @@ def dry_run_quant(recipe: Recipe, config) -> None:
     patterns or group sizes fail before any weights load."""
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except (ValueError, TypeError, KeyError) as e:
+        raise RecipeError(f"{'model.path' if recipe.model.path else 'model.config'}: cannot build the model: {_first_line(e)}") from None
     try:
         build_student_quant(model, recipe)
     except QuantConfigError as e:
-        section = "freeze" if "freeze" in str(e) else "quant"
-        raise RecipeError(f"{section}: {e}") from None
+        key = _quant_error_key(str(e), recipe)
+        hint = ""
+        if key == "freeze.policy" and recipe.freeze.policy == "ov-freeze":
+            hint = " (this model has no such projections: set freeze.patterns to its value/output projections, e.g. OPT: ['\\.v_proj$', '\\.out_proj$'])"
+        raise RecipeError(f"{key}: {e}{hint}") from None
+
+
+def _quant_error_key(msg: str, recipe: Recipe) -> str:
+    """The recipe key a ``QuantConfigError`` from ``quantize_model`` / ``apply_freeze`` is about."""
+    if msg.startswith("freeze"):
+        return "freeze.patterns" if recipe.freeze.patterns else "freeze.policy"
+    for prefix, key in (("targets", "quant.targets"), ("ignore", "quant.ignore"), ("layer_schemes", "quant.overrides")):
+        if msg.startswith(prefix):
+            return key
+    layer = re.match(r"layer '([^']+)': group_size", msg)
+    if layer and recipe.quant is not None:  # the first override matching the layer gave it its group size
+        for i, o in enumerate(recipe.quant.overrides):
+            if re.search(o.pattern, layer.group(1)):
+                return f"quant.overrides.{i}.group_size" if o.group_size is not None else "quant.group_size"
+        return "quant.group_size"
+    return "quant"
 
 
 def build_student_quant(model: nn.Module, recipe: Recipe) -> tuple[QuantReport | None, list[str]]:
@@ -103,18 +170,29 @@ def build_student_quant(model: nn.Module, recipe: Recipe) -> tuple[QuantReport |
     return report, frozen
 
 
-def load_models(recipe: Recipe, config):
+def load_student(recipe: Recipe, config) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     m = recipe.model
-    kw = dict(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+    kw = dict(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation, dtype=DTYPES[m.dtype])
     if m.path is not None:
-        student = AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, dtype=DTYPES[m.dtype], **kw)
-    else:
-        student = AutoModelForCausalLM.from_config(config, dtype=DTYPES[m.dtype], **kw)
+        return AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, **kw)
+    return AutoModelForCausalLM.from_config(config, **kw)
+
+
+def load_models(recipe: Recipe, config):
+    from transformers import AutoModelForCausalLM
+
+    student = load_student(recipe, config)
     teacher = None
     if recipe.teacher is not None:
-        teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher_path, dtype=DTYPES[recipe.teacher.dtype], **kw)
+        m = recipe.model
+        teacher = AutoModelForCausalLM.from_pretrained(
+            recipe.teacher_path,
+            dtype=DTYPES[recipe.teacher.dtype],
+            trust_remote_code=m.trust_remote_code,
+            attn_implementation=m.attn_implementation,
+        )
         teacher.eval().requires_grad_(False)
     return student, teacher
 
@@ -179,6 +257,27 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the message says why."""
+
+
+def nonfinite_step(step_sums: torch.Tensor, grad_norm: float | None, accelerator) -> str | None:
+    """Why this optimizer step must be skipped, or None. The same answer on every process: the
+    loss check is all-reduced, the gradient norm is already global. Under fp16 an overflowing
+    gradient is the GradScaler's to skip (it lowers the scale), not ours. Under DeepSpeed the
+    engine steps inside ``backward``: a bad step is counted (and stops the run) but not undone."""
+    bad_loss = accelerator.reduce((~torch.isfinite(step_sums)).any().float().reshape(1), reduction="sum")
+    if bad_loss.item() > 0:
+        return "non-finite loss"
+    if grad_norm is not None and not math.isfinite(grad_norm) and accelerator.scaler is None:
+        return "non-finite gradient norm"
+    return None
+
+
+def _as_float(x) -> float | None:
+    return None if x is None else float(x)
+
+
 # -- logging -------------------------------------------------------------------------------
 class MetricsLog:
     """metrics.jsonl (always, main process) + the Accelerate trackers (wandb), which may fail."""
@@ -186,8 +285,10 @@ class MetricsLog:
     def __init__(self, path: Path, accelerator, start_step: int):
         self.path, self.acc, self.tracker_ok = path, accelerator, bool(accelerator.log_with)
         if accelerator.is_main_process and path.exists():  # resume: drop rows past the checkpoint
-            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= start_step]
-            path.write_text("".join(r + "\n" for r in rows))
+            rows = [r for r in path.read_text().splitlines() if _row_step(r) <= start_step]
+            tmp = path.with_name(path.name + ".tmp")  # a kill here must not lose the kept rows
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, path)
 
     def log(self, row: dict) -> None:
         if not self.acc.is_main_process:
@@ -200,6 +301,14 @@ class MetricsLog:
             except Exception as e:  # tracking must never stop training
                 warnings.warn(f"wandb logging failed, continuing without it: {e}")
                 self.tracker_ok = False
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or torn one (a run killed mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def init_tracking(recipe: Recipe, accelerator, out: Path) -> None:
@@ -247,36 +356,35 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             "alone. On a machine without GPUs set ACCELERATE_USE_CPU=1 (see launch/cpu-2proc.yaml)."
         )
     main = accelerator.is_main_process
-    if main:
-        if overwrite and resume_from is None:
-            for f in RUN_FILES:
-                p = out / f
-                shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "recipe.yaml").write_text(recipe.to_yaml())
     set_seed(recipe.train.seed)
     t_start = time.perf_counter()
+    if main and recipe.model.trust_remote_code:
+        print(f"model.trust_remote_code is true: Python code shipped with {recipe.model.path or 'the model type'} "
+              "(and its teacher and tokenizer) will be executed")
 
-    # recipe -> tokenizer, config, a weightless check of quant/freeze -> data -> weights
-    tokenizer = load_tokenizer(recipe, out, accelerator)
-    config = model_config(recipe, tokenizer)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and recipe.data.seq_len > max_pos:
-        raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
-    dry_run_quant(recipe, config)
+    # recipe -> tokenizer, config, a weightless check of quant/freeze -> data, all before the run
+    # directory is touched: the main process goes first, and writes it only once everything passed
+    t = recipe.train
     with accelerator.main_process_first():
+        tokenizer = load_tokenizer(recipe, out, reuse_trained=not main or recipe.checkpoint.resume is not None)
+        config = model_config(recipe, tokenizer)
+        max_pos = getattr(config, "max_position_embeddings", None)
+        if max_pos is not None and recipe.data.seq_len > max_pos:
+            raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+        dry_run_quant(recipe, config)
         try:
             train_set, valid_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
         except ValueError as e:
             raise RecipeError(str(e)) from None
-    t = recipe.train
-    plan = BatchPlan(len(train_set), t.micro_batch_size, accelerator.num_processes, accelerator.process_index, t.seed)
-    steps_per_epoch = plan.per_epoch // t.grad_accum
-    if steps_per_epoch == 0:
-        raise RecipeError(
-            f"data: {len(train_set)} training blocks are fewer than one global batch "
-            f"(train.micro_batch_size x processes x train.grad_accum = {t.micro_batch_size * accelerator.num_processes * t.grad_accum})"
-        )
+        plan = BatchPlan(len(train_set), t.micro_batch_size, accelerator.num_processes, accelerator.process_index, t.seed)
+        steps_per_epoch = plan.per_epoch // t.grad_accum
+        if steps_per_epoch == 0:
+            raise RecipeError(
+                f"train.micro_batch_size: one global batch (micro_batch_size x processes x train.grad_accum = "
+                f"{t.micro_batch_size * accelerator.num_processes * t.grad_accum} blocks) is more than the data's {len(train_set)} training blocks"
+            )
+        if main:
+            start_run_dir(recipe, out, tokenizer, clear=overwrite and resume_from is None)
     max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * steps_per_epoch)
 
     student, teacher = load_models(recipe, config)
@@ -298,10 +406,14 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         teacher = accelerator.prepare_model(teacher, evaluation_mode=accelerator.distributed_type != DistributedType.FSDP)
     trainable = [p for p in student.parameters() if p.requires_grad]
 
-    step = 0
+    step, bad_steps = 0, 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        step = read_state(resume_from)["step"]
+        try:  # safetensors for the models; accelerate reads the rest with torch.load(weights_only=True)
+            accelerator.load_state(str(resume_from))
+        except Exception as e:
+            raise CheckpointError(f"could not load checkpoint {resume_from} ({e.__class__.__name__}: {_first_line(e)})") from e
+        ckpt_state = read_state(resume_from)
+        step, bad_steps = ckpt_state["step"], ckpt_state.get("bad_steps", 0)
         if main:
             print(f"resumed from {resume_from} at step {step}")
     elif recipe.checkpoint.resume == "auto" and main:
@@ -331,23 +443,40 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         lr = lr_at(step, recipe, max_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        step_sums, bad = torch.zeros(4, device=accelerator.device), None  # as acc, for this step only
         for micro in range(t.grad_accum):
             epoch, idx = plan.indices(step * t.grad_accum + micro)
             batch = batch_of(train_set, idx, accelerator.device)
             with accelerator.accumulate(student):
                 loss, kd, ce = loss_on(batch)
                 accelerator.backward(loss)
+                step_sums += torch.stack([loss.detach(), (kd if kd is not None else loss).detach(), ce.detach(), torch.ones_like(ce)])
                 if accelerator.sync_gradients:
-                    grad_norm = accelerator.clip_grad_norm_(trainable, t.grad_clip or float("inf")).item()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            acc += torch.stack([loss.detach(), (kd if kd is not None else loss).detach(), ce.detach(), torch.ones_like(ce)])
+                    grad_norm = _as_float(accelerator.clip_grad_norm_(trainable, t.grad_clip or float("inf")))
+                    bad = nonfinite_step(step_sums, grad_norm, accelerator)
+                    if bad is None:
+                        optimizer.step()
+                optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
             tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
         step += 1
         pbar.update(1)
+        if bad is not None:  # skipped: no update; the data moves on
+            bad_steps += 1
+            metrics.log({"step": step, "epoch": epoch, "skipped": bad, "bad_steps": bad_steps, "lr": lr, "grad_norm": grad_norm})
+            if bad_steps > t.max_bad_steps:
+                accelerator.end_training()
+                raise TrainingStopped(
+                    f"step {step}: {bad}; {bad_steps} steps skipped, more than train.max_bad_steps={t.max_bad_steps}, so "
+                    f"the run stopped. No skipped step updated the weights, and the last complete checkpoint "
+                    f"({latest_checkpoint(out / 'checkpoints') or 'none: checkpoint.every is 0 or not reached'}) is intact"
+                )
+            if main:
+                warnings.warn(f"step {step}: {bad}, step skipped ({bad_steps} of at most train.max_bad_steps={t.max_bad_steps})")
+        else:
+            acc += step_sums
 
         do_eval = valid_set is not None and recipe.eval.every and step % recipe.eval.every == 0 and step < max_steps
-        if step % t.log_every == 0 or step == max_steps or do_eval:
+        if (step % t.log_every == 0 or step == max_steps or do_eval) and acc[3].item() > 0:
             mean = accelerator.reduce(acc, reduction="mean")
             now = time.perf_counter()
             row = {
@@ -370,23 +499,34 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             acc.zero_()
             tokens, t_log = 0, time.perf_counter()
         if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
-            save_checkpoint(accelerator, out / "checkpoints", step, {"max_steps": max_steps}, recipe.checkpoint.keep)
+            save_checkpoint(accelerator, out / "checkpoints", step, {"max_steps": max_steps, "bad_steps": bad_steps}, recipe.checkpoint.keep)
     pbar.close()
 
-    # final/: on-grid weights in plain HF layout; eval.json: student (= final/) vs teacher
-    accelerator.wait_for_everyone()
+    # final/: the full state (gathered when sharded) loaded into a fresh copy of the student on
+    # the main process, dequantized and saved in plain HF layout. eval.json: final/ as loaded from
+    # disk vs the teacher, evaluated on all processes.
+    save_dtype = DTYPES[recipe.model.save_dtype or recipe.model.dtype]
+    state = accelerator.get_state_dict(student)
     if main:
-        final = accelerator.unwrap_model(student)
-        save_dtype = DTYPES[recipe.model.save_dtype or recipe.model.dtype]
+        final = load_student(recipe, config)
+        build_student_quant(final, recipe)
+        final.load_state_dict(state)
         save_final(final, tokenizer, out / "final", save_dtype)
-        result = {"steps": step, "wall_time_s": None, "quantized_layers": len(report.layers) if report else 0, "frozen_layers": frozen}
-        if valid_set is not None:
-            ev = recipe.eval
-            teacher_model = accelerator.unwrap_model(teacher) if teacher is not None else None
-            result["student"] = perplexity(final, valid_set, ev.batch_size, ev.max_batches, teacher=teacher_model, desc="eval student")
-            if teacher_model is not None:
-                result["teacher"] = perplexity(teacher_model, valid_set, ev.batch_size, ev.max_batches, desc="eval teacher")
+        del final
+    del state
+    accelerator.wait_for_everyone()
+    result = {"steps": step, "wall_time_s": None, "quantized_layers": len(report.layers) if report else 0, "frozen_layers": frozen}
+    if valid_set is not None:
+        from transformers import AutoModelForCausalLM
+
+        ev = recipe.eval
+        final = AutoModelForCausalLM.from_pretrained(out / "final", dtype=save_dtype).to(accelerator.device)
+        result["student"] = perplexity(final, valid_set, ev.batch_size, ev.max_batches, teacher=teacher, accelerator=accelerator, desc="eval final/")
+        if teacher is not None:
+            result["teacher"] = perplexity(teacher, valid_set, ev.batch_size, ev.max_batches, accelerator=accelerator, desc="eval teacher")
+        if main:
             print(_eval_line(result))
+    if main:
         result["wall_time_s"] = time.perf_counter() - t_start
         (out / "eval.json").write_text(json.dumps(result, indent=1))
         if accelerator.trackers:
