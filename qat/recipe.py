@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -23,7 +24,24 @@ class RecipeError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    # extra keys are errors; floats must be finite (lr=.inf would "validate" and train to NaN)
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_as_number(cls, v, info):
+        # pydantic's lax mode takes `true` as 1 for an int or float field (group_size: true -> 1)
+        if isinstance(v, bool) and _is_numeric(cls.model_fields[info.field_name].annotation):
+            raise ValueError("expected a number, not a boolean")
+        return v
+
+
+def _is_numeric(annotation) -> bool:
+    """int or float (possibly optional), and not bool."""
+    args = get_args(annotation)
+    if args:
+        return bool not in args and any(_is_numeric(a) for a in args)
+    return annotation in (int, float)
 
 
 def _as_list(v):
@@ -62,9 +80,16 @@ class TeacherSection(_Section):
 class QuantOverride(_Section):
     pattern: str
     bits: int | None = None
-    group_size: int | None = None
+    group_size: int | None = Field(None, gt=0)
     per_channel: bool = False
     symmetric: bool | None = None
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v):
+        if v is not None and v not in SUPPORTED_BITS:
+            raise ValueError(f"must be one of {list(SUPPORTED_BITS)}")
+        return v
 
 
 class QuantSection(_Section):
@@ -186,6 +211,14 @@ class TrainSection(_Section):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     activation_checkpointing: bool = False
     log_every: int = Field(10, gt=0)
+    max_bad_steps: int = Field(3, ge=0, description="steps with a non-finite loss or gradient skipped before the run stops")
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, v):
+        if not all(0 <= b < 1 for b in v):
+            raise ValueError("each beta must be in [0, 1)")
+        return v
 
     @model_validator(mode="after")
     def _length(self):
@@ -279,7 +312,7 @@ class Recipe(_Section):
         if self.teacher is not None and self.teacher.path is None and self.model.path is None:
             raise ValueError("teacher: a from-scratch model (model.config) has no teacher; set teacher: null or teacher.path")
         if self.teacher is None and self.distill.ce_weight == 0:
-            raise ValueError("distill.ce_weight must be > 0 when teacher is null (nothing else to learn from)")
+            raise ValueError("distill.ce_weight: must be > 0 when teacher is null (nothing else to learn from)")
         if self.teacher is not None and self.distill.kd_weight == 0 and self.distill.ce_weight == 0:
             raise ValueError("distill: kd_weight and ce_weight are both 0")
         if self.tokenizer.path is None and self.tokenizer.train_vocab_size is None and self.model.path is None:
@@ -303,14 +336,44 @@ class Recipe(_Section):
 
 
 # -- loading -------------------------------------------------------------------------------
+class _RecipeLoader(yaml.SafeLoader):
+    """The safe loader (plain data only: no ``!!python/...`` tags), refusing duplicate keys,
+    which the stock loader silently resolves to the last one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _RecipeLoader.construct_mapping)
+
+
+def _yaml_load(text_or_stream):
+    return yaml.load(text_or_stream, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    msg = " ".join(str(e).split())
+    if isinstance(e, yaml.constructor.ConstructorError) and "constructor for the tag" in msg:
+        return f"{msg} (recipes are read with a safe YAML loader: tags that build Python objects are refused)"
+    return msg
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key or any(not k for k in key.split(".")):
         raise RecipeError(f"override {item!r}: expected dotted.key=value")
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _yaml_load(raw) if raw != "" else None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{key}: override value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+        raise RecipeError(f"{key}: override value {raw!r} is not valid YAML: {_yaml_problem(e)}") from None
     return key.split("."), value
 
 
@@ -332,6 +395,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def _format_error(err: dict) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     msg = err["msg"].removeprefix("Value error, ")
+    named = re.match(r"([a-z_]+(?:\.[a-z_0-9]+)*): (.*)", msg, re.S)
+    if not loc and named:  # a check across sections names its key first
+        loc, msg = named.groups()
     if err["type"] == "extra_forbidden":
         msg = "unknown key"
     elif err["type"] == "missing":
@@ -356,9 +422,12 @@ def load_recipe(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     if not path.is_file():
         raise RecipeError(f"<recipe>: file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        with open(path, encoding="utf-8") as f:  # a stream: YAML errors then name the file
+            data = _yaml_load(f) or {}
     except yaml.YAMLError as e:
-        raise RecipeError(f"<recipe>: {path} is not valid YAML: {e}") from None
+        raise RecipeError(f"<recipe>: {path} is not valid YAML: {_yaml_problem(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"<recipe>: cannot read {path}: {e}") from None
     if not isinstance(data, dict):
         raise RecipeError(f"<recipe>: expected a mapping of sections, got {type(data).__name__}")
     recipe = validate(apply_overrides(data, list(overrides)))
@@ -379,8 +448,12 @@ def check_paths(recipe: Recipe) -> None:
         ("teacher.path", recipe.teacher.path if recipe.teacher else None),
         ("tokenizer.path", recipe.tokenizer.path),
     ):
-        if p and _looks_local(p) and not Path(p).expanduser().exists():
-            problems.append(f"{key}: no such model directory: {p}")
+        if p and _looks_local(p):
+            d = Path(p).expanduser()
+            if not d.exists():
+                problems.append(f"{key}: no such model directory: {p}")
+            elif key != "tokenizer.path" and not (d / "config.json").is_file():
+                problems.append(f"{key}: {p} is not a Hugging Face model directory (no config.json)")
     d = recipe.data
     for key, files in (("data.files", d.files if d.source == "files" else None), ("data.valid_files", d.valid_files)):
         for f in files or []:
@@ -388,7 +461,25 @@ def check_paths(recipe: Recipe) -> None:
                 problems.append(f"{key}: no file matches {f!r}")
     if d.source == "hf" and d.name and _looks_local(d.name) and not Path(d.name).expanduser().exists():
         problems.append(f"data.name: no such local dataset: {d.name}")
-    if recipe.checkpoint.resume not in (None, "auto") and not Path(recipe.checkpoint.resume).is_dir():
-        problems.append(f"checkpoint.resume: expected 'auto' or a checkpoint directory, not found: {recipe.checkpoint.resume}")
+    resume = recipe.checkpoint.resume
+    if resume not in (None, "auto"):
+        if not Path(resume).is_dir():
+            problems.append(f"checkpoint.resume: expected 'auto' or a checkpoint directory, not found: {resume}")
+        elif not (Path(resume) / "qat_state.json").is_file():
+            problems.append(f"checkpoint.resume: {resume} is not a complete qat checkpoint (no qat_state.json)")
+    problems += _output_dir_problems(recipe.output_dir)
     if problems:
         raise RecipeError("\n".join(problems))
+
+
+def _output_dir_problems(output_dir: str) -> list[str]:
+    """output_dir must be (or become) a directory: not a file, not under a file."""
+    out = Path(output_dir).expanduser()
+    if out.exists() and not out.is_dir():
+        return [f"output_dir: {output_dir} exists and is not a directory"]
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return [f"output_dir: {parent} is a file, so {output_dir} cannot be created"]
+            break
+    return []

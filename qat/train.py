@@ -115,6 +115,10 @@ def model_config(recipe: Recipe, tokenizer):
     kw.setdefault("vocab_size", len(tokenizer))
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         kw.setdefault(key, getattr(tokenizer, key))
+    from transformers import CONFIG_MAPPING
+
+    if kw["model_type"] not in CONFIG_MAPPING:
+        raise RecipeError(f"model.config.model_type: unknown model type {kw['model_type']!r} (e.g. llama, mistral, qwen2, opt)")
     try:
         return AutoConfig.for_model(**kw)
     except (ValueError, TypeError, KeyError) as e:

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import sys
+
 
 def run(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from .train import train  # heavy imports only once the recipe is known to be valid
+    from .checkpoint import CheckpointError
+    from .train import TrainingStopped, train  # heavy imports only once the recipe is known to be valid
 
-    out = train(recipe, overwrite=args.overwrite)
+    try:
+        out = train(recipe, overwrite=args.overwrite)
+    except (TrainingStopped, CheckpointError) as e:  # a clear message, no traceback; exit 1
+        print(f"qat: training stopped: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {out}")
     return 0
 

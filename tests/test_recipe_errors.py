@@ -1,0 +1,358 @@
+"""Malformed recipes and overrides: each one exits 2 with the dotted key and what was expected, no
+traceback, and nothing written (the output_dir is not even created).
+
+Most cases are generated from the schema itself (an unknown key in every section, a wrong type and
+an out-of-range value for every typed field), the rest are written by hand: problems only the model,
+the data or the file system can show (group sizes, patterns, missing projections, empty data,
+paths), YAML syntax, bad override paths. They run in-process through ``qat.cli.main``; a handful
+run through a real ``python -m qat`` subprocess as well.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import typing
+from pathlib import Path
+
+import annotated_types
+import pytest
+from pydantic import BaseModel
+
+from qat.cli import main
+from qat.recipe import Recipe
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
+HAVE_FIXTURES = (REPO.parent / "shared" / "models" / "llama-tiny" / "config.json").is_file()
+needs_fixtures = pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/models/llama-tiny not found (CI has it)")
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)  # the recipe's ../shared paths are relative to the repo root
+
+
+# -- cases generated from the schema -----------------------------------------------------------
+def _sections(model: type[BaseModel], prefix: str = "", in_list: str | None = None):
+    """(dotted key prefix, section class, list field or None) for every section, nested ones and
+    the items of a list of sections (``quant.overrides.0.``) included."""
+    yield prefix, model, in_list
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if typing.get_origin(ann) is list:
+            (item,) = typing.get_args(ann)
+            if isinstance(item, type) and issubclass(item, BaseModel):
+                yield from _sections(item, f"{prefix}{name}.0.", f"{prefix}{name}")
+            continue
+        for t in (ann, *typing.get_args(ann)):
+            if isinstance(t, type) and issubclass(t, BaseModel):
+                yield from _sections(t, f"{prefix}{name}.", in_list)
+
+
+def _setting(prefix: str, in_list: str | None, name: str, value: str) -> str:
+    if in_list is None:
+        return f"{prefix}{name}={value}"
+    item = {"pattern": "x", name: value}  # the only list of sections: quant.overrides (pattern required)
+    return f"{in_list}=[{{{', '.join(f'{k}: {v}' for k, v in item.items())}}}]"
+
+
+def _base_type(annotation):
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return args[0] if len(args) == 1 else annotation
+
+
+def _schema_cases():
+    cases = []
+    for prefix, section, in_list in _sections(Recipe):
+        # an unknown key in every section (and at the top)
+        cases.append((f"unknown:{prefix or '<top>'}", [_setting(prefix, in_list, "bogus_key", "1")], f"{prefix}bogus_key", "unknown key"))
+        for name, field in section.model_fields.items():
+            key, base = f"{prefix}{name}", _base_type(field.annotation)
+            bad = []
+            # a wrong type for every scalar field
+            wrong = {int: ("abc", "valid integer"), float: ("abc", "valid number"), bool: ("maybe", "valid boolean"),
+                     str: ("[1, 2]", "valid string")}.get(base)
+            if wrong:
+                bad.append(("type", *wrong))
+            if base in (int, float):
+                bad.append(("bool-as-number", "true", "not a boolean"))
+            if typing.get_origin(base) is typing.Literal:
+                bad.append(("choice", "no_such_choice", "Input should be"))
+            # zero / negative sizes: just past every lower bound
+            for m in field.metadata:
+                if isinstance(m, annotated_types.Gt):
+                    bad.append(("range", str(m.gt), f"greater than {m.gt}"))
+                elif isinstance(m, annotated_types.Ge):
+                    bad.append(("range", str(m.ge - 1), f"greater than or equal to {m.ge}"))
+            for kind, value, expect in bad:
+                cases.append((f"{kind}:{key}", [_setting(prefix, in_list, name, value)], key, expect))
+    return cases
+
+
+SCHEMA_CASES = _schema_cases()
+
+HAND_CASES = [
+    # unsupported bits, values that validate as a type but not as a value
+    ("bits-5", ["quant.bits=5"], "quant.bits", "must be one of [2, 3, 4, 8]"),
+    ("bits-1", ["quant.bits=1"], "quant.bits", "must be one of"),
+    ("bits-16", ["quant.bits=16"], "quant.bits", "must be one of"),
+    ("override-bits-5", ["quant.overrides=[{pattern: mlp, bits: 5}]"], "quant.overrides.0.bits", "must be one of"),
+    ("override-unknown-key", ["quant.overrides=[{pattern: mlp, bitz: 3}]"], "quant.overrides.0.bitz", "unknown key"),
+    ("override-no-pattern", ["quant.overrides=[{bits: 3}]"], "quant.overrides.0.pattern", "required key is missing"),
+    ("act-bits-4", ["quant.act_bits=4"], "quant.act_bits", "Input should be 8"),
+    ("lr-inf", ["train.lr=.inf"], "train.lr", "finite number"),
+    ("lr-nan", ["train.lr=.nan"], "train.lr", "finite number"),
+    ("betas-one", ["train.betas=[0.9]"], "train.betas", "required key is missing"),
+    ("betas-range", ["train.betas=[0.9, 1.5]"], "train.betas", "each beta must be in [0, 1)"),
+    ("steps-fraction", ["train.max_steps=1.5"], "train.max_steps", "fractional part"),
+    ("steps-and-epochs", ["train.epochs=1"], "train", "exactly one of train.max_steps or train.epochs"),
+    ("no-teacher-no-ce", ["teacher=null"], "distill.ce_weight", "must be > 0 when teacher is null"),
+    ("no-loss", ["distill.kd_weight=0"], "distill", "both 0"),
+    ("valid-fraction-1", ["data.valid_files=null", "data.valid_fraction=1"], "data.valid_fraction", "less than 1"),
+    ("two-valid-sets", ["data.valid_fraction=0.1"], "data", "at most one of"),
+    ("custom-freeze-no-patterns", ["freeze.policy=custom"], "freeze", "needs freeze.patterns"),
+    ("patterns-without-policy", ["freeze.policy=none", "freeze.patterns=[x]"], "freeze", "policy is 'none'"),
+    ("section-as-value", ["quant=5"], "quant", "valid dictionary"),
+    ("model-null", ["model=null"], "model", "valid dictionary"),
+    ("model-two-sources", ["model.config={model_type: llama}"], "model", "exactly one of model.path"),
+    ("model-config-no-type", ["model.path=null", "model.config={hidden_size: 64}"], "model", "needs a model_type"),
+    ("output-dir-null", ["output_dir=null"], "output_dir", "valid string"),
+    ("hf-without-name", ["data.source=hf", "data.files=null", "data.valid_files=null"], "data", "needs data.name"),
+    # bad override paths and values
+    ("override-no-equals", ["train"], "override 'train'", "dotted.key=value"),
+    ("override-empty-key", ["=5"], "override '=5'", "dotted.key=value"),
+    ("override-empty-part", ["train..lr=1"], "override 'train..lr=1'", "dotted.key=value"),
+    ("override-leading-dot", [".lr=1"], "override '.lr=1'", "dotted.key=value"),
+    ("override-into-value", ["train.lr.x=1"], "train.lr", "is a value, not a section"),
+    ("override-into-top-value", ["output_dir.x=1"], "output_dir", "is a value, not a section"),
+    ("override-into-list", ["quant.targets=[a]", "quant.targets.0=b"], "quant.targets", "is a value, not a section"),
+    ("override-unknown-section", ["nosuch.key=1"], "nosuch", "unknown key"),
+    ("override-bad-yaml", ["train.lr=[1,"], "train.lr", "not valid YAML"),
+    ("override-python-tag", ["train.lr=!!python/object/apply:os.system ['echo pwned']"], "train.lr", "safe YAML loader"),
+    ("override-duplicate-key", ["quant={bits: 4, bits: 3}"], "quant", "duplicate key 'bits'"),
+]
+
+# problems only the model, the data or the file system can show: found before any weights load
+MODEL_CASES = [
+    ("group-48", ["quant.group_size=48"], "quant.group_size", "does not divide in_features 128"),
+    ("group-256", ["quant.group_size=256"], "quant.group_size", "does not divide in_features 128"),
+    ("override-group", ["quant.overrides=[{pattern: down_proj, group_size: 100}]"], "quant.overrides.0.group_size", "does not divide in_features 384"),
+    ("targets-nomatch", ["quant.targets=[nomatch_xyz]"], "quant.targets", "matches no Linear layer"),
+    ("ignore-nomatch", ["quant.ignore=[nomatch_xyz]"], "quant.ignore", "matches no Linear layer"),
+    ("override-nomatch", ["quant.overrides=[{pattern: nomatch_xyz, bits: 3}]"], "quant.overrides", "matches no Linear layer"),
+    ("targets-bad-regex", ["quant.targets=['[unclosed']"], "quant.targets", "invalid regex"),
+    ("custom-freeze-nomatch", ["freeze.policy=custom", "freeze.patterns=[nomatch_xyz]"], "freeze.patterns", "matches no Linear layer"),
+    ("ov-freeze-wrong-patterns", ["freeze.patterns=['\\.out_proj$']"], "freeze.patterns", "matches no Linear layer"),
+    ("seq-len-above-positions", ["data.seq_len=4096"], "data.seq_len", "exceeds the model's max_position_embeddings"),
+    ("batch-above-data", ["train.micro_batch_size=100000"], "train.micro_batch_size", "is more than the data's 512 training blocks"),
+]
+_SCRATCH = ["model.path=null", "tokenizer.path=../shared/tokenizer", "teacher=null", "distill.ce_weight=1.0"]
+MODEL_CASES += [
+    # ov-freeze on models without o_proj / v_proj (from-scratch configs: no weights needed)
+    ("ov-freeze-opt", [*_SCRATCH, "quant.group_size=32", "model.config={model_type: opt, hidden_size: 64, num_hidden_layers: 2, "
+                       "num_attention_heads: 4, ffn_dim: 128, word_embed_proj_dim: 64, max_position_embeddings: 256}"],
+     "freeze.policy", "'\\\\.o_proj$' matches no Linear layer"),
+    ("ov-freeze-neox", [*_SCRATCH, "quant=null", "model.config={model_type: gpt_neox, hidden_size: 64, num_hidden_layers: 2, "
+                        "num_attention_heads: 4, intermediate_size: 128, max_position_embeddings: 256}"],
+     "freeze.policy", "matches no Linear layer"),
+    ("model-type-unknown", [*_SCRATCH, "model.config={model_type: no_such_arch}"], "model.config.model_type", "unknown model type 'no_such_arch'"),
+]
+
+
+def _file_cases(tmp: Path) -> list[tuple[str, list[str], str, str]]:
+    tmp.mkdir()
+    (tmp / "empty.txt").write_text("")
+    (tmp / "blank.txt").write_text("\n   \n\t\n")
+    (tmp / "notext.jsonl").write_text('{"body": "hello world"}\n')
+    (tmp / "a_dir").mkdir()
+    (tmp / "not_a_model").mkdir()
+    (tmp / "not_a_checkpoint").mkdir()
+    (tmp / "a_file").write_text("x")
+    return [
+        ("data-empty", [f"data.files={tmp}/empty.txt"], "data.files", "produced no documents"),
+        ("data-blank", [f"data.files={tmp}/blank.txt"], "data.files", "produced no documents"),
+        ("valid-empty", [f"data.valid_files={tmp}/empty.txt"], "data.valid_files", "produced no documents"),
+        ("data-no-text-field", [f"data.files={tmp}/notext.jsonl", "data.valid_files=null"], "data.text_field", "not found"),
+        ("data-is-dir", [f"data.files={tmp}/a_dir"], "data.files", "matches only directories"),
+        ("data-missing", ["data.files=./no/such/file.txt"], "data.files", "no file matches"),
+        ("valid-missing", ["data.valid_files=./no/such/valid.txt"], "data.valid_files", "no file matches"),
+        ("model-missing", ["model.path=./no/such/model"], "model.path", "no such model directory"),
+        ("model-not-hf", [f"model.path={tmp}/not_a_model"], "model.path", "no config.json"),
+        ("teacher-missing", ["teacher.path=./no/such/teacher"], "teacher.path", "no such model directory"),
+        ("tokenizer-missing", ["tokenizer.path=./no/such/tok"], "tokenizer.path", "no such model directory"),
+        ("tokenizer-not-a-tokenizer", [f"tokenizer.path={tmp}/not_a_model"], "tokenizer.path", "could not load a tokenizer"),
+        ("hf-local-missing", ["data.source=hf", "data.files=null", "data.valid_files=null", "data.name=./no/such/ds"], "data.name", "no such local dataset"),
+        ("resume-missing", ["checkpoint.resume=./no/such/ckpt"], "checkpoint.resume", "not found"),
+        ("resume-not-a-checkpoint", [f"checkpoint.resume={tmp}/not_a_checkpoint"], "checkpoint.resume", "not a complete qat checkpoint"),
+    ]
+
+
+def _check_error(code: int, err: str, key: str, expect: str, out: Path) -> None:
+    assert code == 2, err
+    assert "qat: recipe error:" in err and "Traceback" not in err, err
+    lines = [line.strip() for line in err.splitlines()]
+    assert any(line.startswith(key) for line in lines), f"no line starts with {key!r}:\n{err}"
+    assert expect in err, f"{expect!r} not in:\n{err}"
+    assert not out.exists(), f"{out} was created"
+
+
+def _run(capsys, *args: str) -> tuple[int, str]:
+    code = main(["train", *args])
+    return code, capsys.readouterr().err
+
+
+def test_enough_generated_cases():
+    n = len(SCHEMA_CASES) + len(HAND_CASES) + len(MODEL_CASES) + 15 + len(YAML_FILES)
+    assert n >= 50, n
+    assert len({c[0] for c in SCHEMA_CASES + HAND_CASES + MODEL_CASES}) == len(SCHEMA_CASES) + len(HAND_CASES) + len(MODEL_CASES)
+
+
+@pytest.mark.parametrize("name, overrides, key, expect", SCHEMA_CASES + HAND_CASES, ids=[c[0] for c in SCHEMA_CASES + HAND_CASES])
+def test_schema_errors(name, overrides, key, expect, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = _run(capsys, TINY, f"output_dir={out}", *overrides)
+    _check_error(code, err, key, expect, out)
+
+
+@needs_fixtures
+@pytest.mark.parametrize("name, overrides, key, expect", MODEL_CASES, ids=[c[0] for c in MODEL_CASES])
+def test_model_errors_before_weights_load(name, overrides, key, expect, tmp_path, capsys, monkeypatch):
+    import transformers
+
+    def no_weights(*a, **k):  # the checks must all happen on the weightless (meta) model
+        raise AssertionError("weights were loaded before the recipe error was found")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_weights)
+    out = tmp_path / "out"
+    code, err = _run(capsys, TINY, f"output_dir={out}", *overrides)
+    _check_error(code, err, key, expect, out)
+
+
+@needs_fixtures
+def test_file_and_data_errors(tmp_path, capsys):
+    for name, overrides, key, expect in _file_cases(tmp_path / "files"):
+        out = tmp_path / f"out-{name}"
+        code, err = _run(capsys, TINY, f"output_dir={out}", *overrides)
+        try:
+            _check_error(code, err, key, expect, out)
+        except AssertionError as e:
+            raise AssertionError(f"case {name}: {e}") from None
+
+
+def test_output_dir_is_a_file(tmp_path, capsys):
+    f = tmp_path / "a_file"
+    f.write_text("keep me")
+    for target in (f, f / "sub"):
+        code, err = _run(capsys, TINY, f"output_dir={target}")
+        assert code == 2 and err.count("output_dir:") == 1 and "Traceback" not in err, err
+        assert f.read_text() == "keep me"
+
+
+YAML_FILES = {
+    "unclosed-bracket": ("output_dir: x\ntrain: {lr: 1\n", "<recipe>", "line 3"),
+    "bad-indent": ("model:\n  path: x\n dtype: float32\n", "<recipe>", "line 3"),
+    "tab-indent": ("model:\n\tpath: x\n", "<recipe>", "found character '\\t'"),
+    "duplicate-key": ("output_dir: a\noutput_dir: b\n", "<recipe>", "duplicate key 'output_dir'"),
+    "python-tag": ("output_dir: !!python/object/apply:os.system ['echo pwned > pwned.txt']\n", "<recipe>", "safe YAML loader"),
+    "python-name-tag": ("model: !!python/name:os.system\n", "<recipe>", "safe YAML loader"),
+    "a-list": ("- model\n- data\n", "<recipe>", "expected a mapping of sections, got list"),
+    "a-scalar": ("just words\n", "<recipe>", "expected a mapping of sections, got str"),
+    "empty": ("", "model", "required key is missing"),
+    "not-utf8": (b"\xff\xfe\x00model: x\n", "<recipe>", "cannot read"),
+}
+
+
+@pytest.mark.parametrize("name", list(YAML_FILES))
+def test_yaml_file_errors(name, tmp_path, capsys):
+    text, key, expect = YAML_FILES[name]
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "out"
+    code, err = _run(capsys, str(recipe), f"output_dir={out}")
+    _check_error(code, err, key, expect, out)
+    assert not (tmp_path / "pwned.txt").exists() and not (REPO / "pwned.txt").exists()
+
+
+def test_recipe_file_missing(tmp_path, capsys):
+    code, err = _run(capsys, str(tmp_path / "nope.yaml"))
+    assert code == 2 and "<recipe>: file not found" in err and "Traceback" not in err
+
+
+# -- an existing run is never overwritten without --overwrite or resume -------------------------
+def _fake_run(d: Path) -> dict[str, str]:
+    (d / "checkpoints" / "step-2").mkdir(parents=True)
+    (d / "checkpoints" / "step-2" / "qat_state.json").write_text('{"step": 2}')
+    (d / "recipe.yaml").write_text("output_dir: old\n")
+    (d / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    return _digest(d)
+
+
+def _digest(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+@needs_fixtures
+def test_existing_run_is_kept(tmp_path, capsys):
+    old = tmp_path / "old"
+    before = _fake_run(old)
+    # no --overwrite: refused
+    code, err = _run(capsys, TINY, f"output_dir={old}", "train.max_steps=0")
+    assert code == 2 and "output_dir:" in err and "--overwrite" in err, err
+    # --overwrite, but the recipe is wrong in a way only the model shows: the old run stays
+    code, err = _run(capsys, TINY, f"output_dir={old}", "train.max_steps=0", "quant.group_size=48", "--overwrite")
+    assert code == 2 and "quant.group_size" in err, err
+    # --overwrite with data that turns out empty: the old run stays too
+    (tmp_path / "empty.txt").write_text("")
+    code, err = _run(capsys, TINY, f"output_dir={old}", f"data.files={tmp_path}/empty.txt", "--overwrite")
+    assert code == 2 and "data.files" in err, err
+    # a checkpoint of another run, resumed into this run's directory: refused
+    other = tmp_path / "other"
+    _fake_run(other)
+    code, err = _run(capsys, TINY, f"output_dir={old}", f"checkpoint.resume={other}/checkpoints/step-2")
+    assert code == 2 and "checkpoint.resume" in err and "--overwrite" in err, err
+    assert _digest(old) == before
+
+
+def test_symlinked_run_file_is_refused(tmp_path, capsys):
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "checkpoints").symlink_to(elsewhere)
+    code, err = _run(capsys, TINY, f"output_dir={out}", "checkpoint.resume=auto")
+    assert code == 2 and "output_dir:" in err and "symbolic link" in err, err
+    assert list(elsewhere.iterdir()) == [] and sorted(p.name for p in out.iterdir()) == ["checkpoints"]
+
+
+# -- a handful through the real command line ----------------------------------------------------
+@needs_fixtures
+def test_subprocess_cases(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("output_dir: x\ntrain: {lr: 1\n")
+    tagged = tmp_path / "tagged.yaml"
+    tagged.write_text(f"output_dir: !!python/object/apply:os.system ['touch {tmp_path}/pwned']\n")
+    (tmp_path / "empty.txt").write_text("")
+    cases = [
+        ([str(bad_yaml)], "<recipe>", {}),
+        ([str(tagged)], "<recipe>", {}),
+        ([TINY, "quant.group_size=48"], "quant.group_size", {}),
+        ([TINY, f"data.files={tmp_path}/empty.txt"], "data.files", {}),
+        ([TINY, "model.path=nosuch-org/nosuch-model", "tokenizer.path=../shared/tokenizer"], "model.path", {"HF_HUB_OFFLINE": "1"}),
+    ]
+    procs = []
+    for i, (args, key, env) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        p = subprocess.Popen(
+            [sys.executable, "-m", "qat", "train", *args, f"output_dir={out}"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+            env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+        )
+        procs.append((p, key, out))
+    for p, key, out in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 2, err[-2000:]
+        assert key in err and "Traceback" not in err, err[-2000:]
+        assert not out.exists()
+    assert not (tmp_path / "pwned").exists()
