@@ -13,7 +13,7 @@ import sys
 from .quant.scheme import QuantConfigError
 from .recipe import RecipeError
 
-COMMANDS = ("qat.train_cli",)
+COMMANDS = ("qat.train_cli", "qat.export_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
