@@ -13,7 +13,7 @@ import sys
 from .quant.scheme import QuantConfigError
 from .recipe import RecipeError
 
-COMMANDS = ("qat.train_cli", "qat.export_cli")
+COMMANDS = ("qat.train_cli", "qat.export_cli", "qat.ptq_cli", "qat.eval_cli", "qat.compare")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # overrides after an option (`qat ptq R --method gptq a=1`): argparse leaves them over
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args) or 0
     except (RecipeError, QuantConfigError) as e:

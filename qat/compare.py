@@ -1,0 +1,393 @@
+"""``qat compare RECIPE [RECIPE ...] [dotted.key=value ...]``: QAT against the PTQ baselines.
+
+For every recipe: the PTQ methods of ``ptq.methods`` (each a ``qat ptq`` run in
+``<output_dir>-ptq-<method>``) and the QAT run (``qat train`` in ``output_dir``) are run, or reused
+when their run directory is complete and was made from the same recipe (``--rerun`` forces new
+runs). A PTQ run directory made from a different recipe is redone in place (those directories
+belong to ``compare``); a QAT run from a different recipe is never replaced without ``--rerun``. All of them are evaluated by the same code on the same validation blocks (``eval.json``);
+the FP row is the teacher on those blocks. The per-layer relative output error of every variant
+is measured on the same held-out tokens with the teacher's inputs (``qat/diagnostic.py``).
+
+Writes to ``--out`` (default ``<output_dir>-compare`` for one recipe, ``<runs root>/compare`` for
+several; ``--runs-root DIR`` moves every recipe's runs to ``DIR/<basename of output_dir>``): ``report.json`` (every number, per-layer errors included), ``report.md`` (method, bits,
+group, ppl, ppl/FP, KL to teacher, mean layer output error, data tokens, wall time, and the
+local-vs-global inversions), ``report.png`` (perplexity by method and bit width; mean layer
+error against KL), and logs the table to wandb when the recipe's tracking is on.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+
+import yaml
+
+from .recipe import Recipe, RecipeError
+
+
+# -- runs ---------------------------------------------------------------------------------
+def _comparable(d: dict, kind: str) -> dict:
+    d = json.loads(json.dumps(d))
+    for k in ("output_dir", "tracking"):
+        d.pop(k, None)
+    if kind == "qat":
+        d.pop("ptq", None)
+    else:
+        (d.get("ptq") or {}).pop("methods", None)
+    return d
+
+
+def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None) -> dict | None:
+    """``eval.json`` of a complete run of the same recipe (and method) in ``run_dir``, else None."""
+    ev, rp = run_dir / "eval.json", run_dir / "recipe.yaml"
+    if not (ev.exists() and rp.exists() and (run_dir / "final").is_dir()):
+        return None
+    result = json.loads(ev.read_text())
+    if method is not None and result.get("method") != method:
+        return None
+    if _comparable(yaml.safe_load(rp.read_text()) or {}, kind) != _comparable(recipe.to_dict(), kind):
+        return None
+    return result
+
+
+def run_or_reuse_ptq(recipe: Recipe, method: str, rerun: bool) -> tuple[Path, dict, bool]:
+    from .ptq import default_run_dir, run_ptq
+
+    d = default_run_dir(recipe, method)
+    ev = None if rerun else reusable(d, recipe, "ptq", method)
+    if ev is not None:
+        return d, ev, True
+    run_ptq(recipe, method, d, overwrite=True)
+    return d, json.loads((d / "eval.json").read_text()), False
+
+
+def run_or_reuse_qat(recipe: Recipe, rerun: bool) -> tuple[Path, dict, bool]:
+    from .train import train
+
+    d = Path(recipe.output_dir)
+    ev = None if rerun else reusable(d, recipe, "qat")
+    if ev is not None:
+        return d, ev, True
+    if not rerun and any((d / f).exists() for f in ("recipe.yaml", "final", "checkpoints")):
+        raise RecipeError(
+            f"output_dir: {d} holds a QAT run that is incomplete or from a different recipe; "
+            "pass --rerun to replace it (or finish it with qat train ... checkpoint.resume=auto)"
+        )
+    train(recipe, overwrite=True)
+    return d, json.loads((d / "eval.json").read_text()), False
+
+
+def qat_tokens(recipe: Recipe, steps: int | None) -> int | None:
+    t = recipe.train
+    if steps is None:
+        return None
+    return steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+
+
+def scheme_label(recipe: Recipe) -> str:
+    q = recipe.quant
+    return f"W{q.bits}" + ("-channel" if q.group_size is None else f"g{q.group_size}")
+
+
+# -- one recipe ---------------------------------------------------------------------------
+def compare_recipe(recipe: Recipe, rerun: bool = False, with_qat: bool = True) -> dict:
+    """Run or reuse every variant of one recipe; returns ``{"rows", "layer_errors", ...}``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .data import build_datasets
+    from .diagnostic import bits_per_weight, effective_weights, heldout_blocks, layer_output_errors, mean_error
+    from .eval import perplexity
+    from .train import DTYPES
+
+    if recipe.quant is None or recipe.teacher is None or recipe.model.path is None:
+        raise RecipeError("compare: the recipe needs model.path, a teacher and a quant section")
+    if not recipe.data.valid_files and not recipe.data.valid_split and not recipe.data.valid_fraction:
+        raise RecipeError("data: compare needs a validation split (data.valid_files, valid_split or valid_fraction)")
+    label = scheme_label(recipe)
+    runs: dict[str, tuple[Path, dict, bool]] = {}
+    for method in recipe.ptq.methods:
+        runs[method] = run_or_reuse_ptq(recipe, method, rerun)
+    if with_qat:
+        runs["qat"] = run_or_reuse_qat(recipe, rerun)
+
+    tok = AutoTokenizer.from_pretrained(recipe.tokenizer_path)
+    _, valid = build_datasets(recipe.data.model_copy(update={"max_train_tokens": recipe.data.seq_len}), tok, seed=recipe.train.seed)
+    device = torch.device(recipe.ptq.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher_path, dtype=DTYPES[recipe.teacher.dtype]).to(device).eval()
+
+    # FP: the teacher on the same blocks (from the runs' eval.json when they have it)
+    fps = [ev["teacher"] for _, ev, _ in runs.values() if "teacher" in ev]
+    if fps:
+        fp = fps[0]
+        spread = max(abs(f["ppl"] - fp["ppl"]) / fp["ppl"] for f in fps)
+        if spread > 1e-4:
+            warnings.warn(f"{label}: the runs report teacher perplexities that differ by {spread:.2e} (different eval settings?)")
+        fp_source = "reused from the runs' eval.json"
+    else:
+        ev = recipe.eval
+        fp = perplexity(teacher, valid, ev.batch_size, ev.max_batches, desc="eval teacher")
+        fp_source = "computed"
+
+    # local errors on the same held-out tokens for every variant
+    held = heldout_blocks(valid, recipe.ptq.diag_tokens)
+    errors: dict[str, dict[str, float]] = {}
+    todo = {}
+    for m, (d, ev, _) in runs.items():
+        if ev.get("layer_errors") and ev.get("diag_tokens") == held.n_tokens:
+            errors[m] = ev["layer_errors"]
+        else:
+            todo[m] = effective_weights(d / "final")
+    if todo:
+        errors.update(layer_output_errors(teacher, todo, held, recipe.eval.batch_size, desc=f"layer errors {label}"))
+    del teacher
+
+    rows = [
+        {
+            "recipe": label,
+            "method": "fp (teacher)",
+            "bits": {"float32": 32, "bfloat16": 16, "float16": 16}[recipe.teacher.dtype],
+            "group_size": None,
+            "bits_per_weight": None,
+            "ppl": fp["ppl"],
+            "ppl_ratio": 1.0,
+            "kl_to_teacher": 0.0,
+            "mean_layer_error": 0.0,
+            "data_tokens": None,
+            "wall_time_s": None,
+            "quant_time_s": None,
+            "eval_tokens": fp["tokens"],
+            "run_dir": None,
+            "reused": fp_source.startswith("reused"),
+        }
+    ]
+    for m, (d, ev, reused) in runs.items():
+        s = ev["student"]
+        rows.append(
+            {
+                "recipe": label,
+                "method": m,
+                "bits": recipe.quant.bits,
+                "group_size": recipe.quant.group_size,
+                "bits_per_weight": bits_per_weight(d / "final"),
+                "ppl": s["ppl"],
+                "ppl_ratio": s["ppl"] / fp["ppl"],
+                "kl_to_teacher": s.get("kl_to_teacher"),
+                "mean_layer_error": mean_error(errors[m]),
+                "data_tokens": ev.get("calib_tokens") if m != "qat" else qat_tokens(recipe, ev.get("steps")),
+                "wall_time_s": ev.get("wall_time_s"),
+                "quant_time_s": ev.get("quant_time_s"),
+                "eval_tokens": s["tokens"],
+                "run_dir": str(d),
+                "reused": reused,
+            }
+        )
+    return {"recipe": label, "fp_source": fp_source, "diag_tokens": held.n_tokens, "rows": rows, "layer_errors": errors}
+
+
+# -- report -------------------------------------------------------------------------------
+def _fmt(v, spec: str) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return format(v, spec)
+
+
+def table_md(rows: list[dict]) -> str:
+    head = "| recipe | method | bits | group | bits/weight | ppl | ppl/FP | KL to teacher | mean layer out. err | data tokens | wall time (s) |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['recipe']} | {r['method']} | {r['bits']} | {_fmt(r['group_size'], 'd') if r['group_size'] else ('–' if r['method'].startswith('fp') else 'channel')} "
+            f"| {_fmt(r.get('bits_per_weight'), '.3f')} | {_fmt(r['ppl'], '.3f')} | {_fmt(r['ppl_ratio'], '.4f')} | {_fmt(r['kl_to_teacher'], '.4f')} "
+            f"| {_fmt(r['mean_layer_error'], '.4f')} | {_fmt(r['data_tokens'], ',d')} | {_fmt(r['wall_time_s'], '.1f')} |"
+        )
+    return "\n".join(lines)
+
+
+def report_md(report: dict) -> str:
+    from .diagnostic import local_vs_global_inversions
+
+    out = [
+        "# QAT vs layerwise PTQ",
+        "",
+        f"{report['date']} · {report['device']} · recipes: {', '.join(report['recipe_files'])}",
+        "",
+        "ppl: validation perplexity (same blocks for every row); ppl/FP: against the teacher; KL: mean forward KL "
+        "to the teacher per token; mean layer out. err: mean over quantized layers of ||XW - XŴ||/||XW|| on "
+        f"held-out validation tokens with the teacher's inputs; bits/weight: storage of the quantized layers (codes, "
+        "fp16 group scales, zero-points if asymmetric, fp16 LoRA factors of a QERA correction); "
+        "data tokens: PTQ calibration tokens or QAT training tokens; "
+        "wall time: the whole run (load, quantize or train, evaluate).",
+        "",
+        table_md(report["rows"]),
+        "",
+        "## Local vs global",
+        "",
+    ]
+    for part in report["recipes"]:
+        rows = [r for r in part["rows"] if not r["method"].startswith("fp")]
+        ranked = sorted(rows, key=lambda r: r["mean_layer_error"])
+        out.append(
+            f"**{part['recipe']}** — by mean layer error: "
+            + " < ".join(f"{r['method']} ({r['mean_layer_error']:.4f}, KL {_fmt(r['kl_to_teacher'], '.4f')})" for r in ranked)
+        )
+        inv = local_vs_global_inversions(rows)
+        if inv:
+            out.append("")
+            for a, b in inv:
+                out.append(f"- {a} has a lower local error than {b} but a higher global loss (KL to the teacher)")
+        else:
+            out.append("")
+            out.append("- local error and global loss rank the methods the same way")
+        out.append("")
+    out += ["## Per-layer relative output error", ""]
+    for part in report["recipes"]:
+        methods = list(part["layer_errors"])
+        layers = list(next(iter(part["layer_errors"].values()), {}))
+        out += [f"<details><summary>{part['recipe']} ({len(layers)} layers, {part['diag_tokens']} held-out tokens)</summary>", ""]
+        out.append("| layer | " + " | ".join(methods) + " |")
+        out.append("|---|" + "---|" * len(methods))
+        for layer in layers:
+            out.append(f"| {layer} | " + " | ".join(_fmt(part["layer_errors"][m].get(layer), ".4f") for m in methods) + " |")
+        out += ["", "</details>", ""]
+    return "\n".join(out)
+
+
+def report_png(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = report["rows"]
+    labels = list(dict.fromkeys(r["recipe"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("fp")))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
+    width = 0.8 / max(1, len(methods))
+    for j, m in enumerate(methods):
+        xs, ys = [], []
+        for i, lab in enumerate(labels):
+            r = next((r for r in rows if r["recipe"] == lab and r["method"] == m), None)
+            if r is not None:
+                xs.append(i + (j - (len(methods) - 1) / 2) * width)
+                ys.append(r["ppl"])
+        ax.bar(xs, ys, width, label=m)
+    for i, lab in enumerate(labels):
+        fp = next((r for r in rows if r["recipe"] == lab and r["method"].startswith("fp")), None)
+        if fp is not None:
+            ax.hlines(fp["ppl"], i - 0.45, i + 0.45, colors="k", linestyles="--", label="FP (teacher)" if i == 0 else None)
+    ax.set_xticks(range(len(labels)), labels)
+    ppls = [r["ppl"] for r in rows if r["ppl"] == r["ppl"]]
+    if ppls and max(ppls) / min(ppls) > 3:
+        ax.set_yscale("log")
+        ax.set_ylabel("validation perplexity (log scale)")
+    else:
+        ax.set_ylim(0.97 * min(ppls), 1.02 * max(ppls))
+        ax.set_ylabel("validation perplexity")
+    ax.set_title("perplexity by method and bit width")
+    ax.legend(fontsize=8)
+    for r in rows:
+        if r["method"].startswith("fp") or r["kl_to_teacher"] is None:
+            continue
+        ax2.scatter(r["mean_layer_error"], r["kl_to_teacher"], s=25)
+        ax2.annotate(f"{r['method']} {r['recipe']}", (r["mean_layer_error"], r["kl_to_teacher"]), fontsize=7)
+    ax2.set_xlabel("mean layer output error (local)")
+    ax2.set_ylabel("KL to teacher (global)")
+    ax2.set_xscale("log")
+    ax2.set_yscale("log")
+    ax2.set_title("local vs global")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def log_wandb(recipe: Recipe, report: dict, out: Path) -> None:
+    tr = recipe.tracking
+    if tr.wandb_project is None or tr.mode == "disabled":
+        return
+    try:
+        import os
+
+        import wandb
+
+        os.environ.setdefault("WANDB_MODE", tr.mode)
+        run = wandb.init(
+            project=tr.wandb_project,
+            entity=tr.entity,
+            name=f"{tr.run_name or Path(recipe.output_dir).name}-compare",
+            tags=list(tr.tags) + ["compare"],
+            dir=str(out),
+            mode=tr.mode,
+            config={"recipes": report["recipe_files"]},
+        )
+        cols = ["recipe", "method", "bits", "group_size", "bits_per_weight", "ppl", "ppl_ratio", "kl_to_teacher", "mean_layer_error", "data_tokens", "wall_time_s"]
+        run.log({"compare": wandb.Table(columns=cols, data=[[r[c] for c in cols] for r in report["rows"]])})
+        if (out / "report.png").exists():
+            run.log({"compare_plot": wandb.Image(str(out / "report.png"))})
+        run.finish()
+    except Exception as e:  # tracking must never fail the comparison
+        warnings.warn(f"wandb logging of the comparison failed: {e.__class__.__name__}: {e}")
+
+
+def compare(recipes: list[Recipe], recipe_files: list[str], out: Path, rerun: bool = False, with_qat: bool = True) -> dict:
+    t0 = time.perf_counter()
+    parts = [compare_recipe(r, rerun, with_qat) for r in recipes]
+    import torch
+
+    device = "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    report = {
+        "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "device": device,
+        "recipe_files": recipe_files,
+        "rows": [r for p in parts for r in p["rows"]],
+        "recipes": parts,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    report["wall_time_s"] = time.perf_counter() - t0
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    (out / "report.md").write_text(report_md(report))
+    try:
+        report_png(report, out / "report.png")
+    except ImportError:
+        warnings.warn("matplotlib is not installed (pip install 'qat[plot]'): no report.png")
+    log_wandb(recipes[0], report, out)
+    print(table_md(report["rows"]))
+    print(f"report: {out}/report.{{json,md,png}}")
+    return report
+
+
+# -- command ------------------------------------------------------------------------------
+def run(args) -> int:
+    from .recipe import load_recipe
+
+    items = list(args.items) + list(args.overrides)
+    files = [i for i in items if "=" not in i or Path(i).is_file()]
+    overrides = [i for i in items if i not in files]
+    if not files:
+        raise RecipeError("<recipe>: give at least one recipe file")
+    recipes = [load_recipe(f, overrides) for f in files]
+    if args.runs_root:
+        recipes = [r.model_copy(update={"output_dir": str(Path(args.runs_root) / Path(r.output_dir).name)}) for r in recipes]
+    if args.out:
+        out = Path(args.out)
+    elif len(recipes) == 1:
+        out = Path(f"{str(recipes[0].output_dir).rstrip('/')}-compare")
+    else:
+        out = Path(args.runs_root or "runs") / "compare"
+    compare(recipes, files, out, rerun=args.rerun, with_qat=not args.no_qat)
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("compare", help="QAT vs the PTQ baselines of a recipe: report.{json,md,png}")
+    p.add_argument("items", nargs="+", metavar="RECIPE|dotted.key=value", help="recipe files, then overrides applied to each")
+    p.add_argument("--out", help="report directory (default: <output_dir>-compare, or runs/compare for several recipes)")
+    p.add_argument("--runs-root", help="put each recipe's runs in RUNS_ROOT/<basename of its output_dir> (several recipes, one override)")
+    p.add_argument("--rerun", action="store_true", help="run every variant again instead of reusing complete runs")
+    p.add_argument("--no-qat", action="store_true", help="PTQ methods and FP only")
+    p.set_defaults(func=run, overrides=[])

@@ -1,0 +1,315 @@
+"""``qat ptq``: a recipe's model quantized by a layerwise PTQ method, written as a run directory.
+
+The run directory has the layout of ``qat train`` (``recipe.yaml``, ``final/``, ``eval.json``), so
+``qat eval``, ``qat compare`` and export read both the same way:
+
+- ``final/``: the HF model with on-grid weights, ``qat_quant.json``, ``qat_qparams.safetensors``
+  (written by ``final.save_final``, unchanged); QERA adds ``final/adapter/``, a PEFT LoRA
+  adapter holding the low-rank correction (``PeftModel.from_pretrained(base, final/adapter)``);
+- ``eval.json``: method, perplexity of ``final/`` as loaded from disk (with its adapter) and of
+  the teacher on the recipe's validation split (the same blocks, batch size and
+  ``eval.max_batches`` as ``qat train``'s final evaluation), KL to the
+  teacher, per-layer relative output error on held-out tokens, calibration tokens and sequences,
+  quantization and total wall time.
+
+Memory: the model is processed one decoder block at a time (``calibrate.py``); on a GPU a model
+that does not fit stays on the CPU and only the block being calibrated is moved over
+(``ptq.offload``); the calibration hidden states (a block's inputs and outputs) live on the GPU
+when they fit, else in CPU memory, and a budget too large for either is refused with a message
+naming ``ptq.calib_tokens``.
+
+Calibration data: blocks of the recipe's training data, in the order the QAT run would visit
+them (the first blocks of its epoch-0 permutation), as many tokens as the QAT run trains on
+unless ``ptq.calib_tokens`` says otherwise ("same data constraint", arXiv 2410.14570).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..quant.scheme import QuantConfigError, QuantScheme
+from ..recipe import PTQ_METHODS, Recipe, RecipeError
+
+METHODS = PTQ_METHODS
+RUN_FILES = ("recipe.yaml", "eval.json", "final")
+
+
+def default_run_dir(recipe: Recipe, method: str) -> Path:
+    """``<output_dir>-ptq-<method>``: beside the QAT run of the same recipe."""
+    return Path(f"{str(recipe.output_dir).rstrip('/')}-ptq-{method}")
+
+
+def quant_plan(recipe: Recipe, config) -> dict[str, QuantScheme]:
+    """``{layer name: scheme}`` from the recipe's quant section, resolved on a weightless model."""
+    from transformers import AutoModelForCausalLM
+
+    from ..quant import quantize_model
+
+    q = recipe.quant
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    try:
+        report = quantize_model(model, q.scheme(), q.targets, q.ignore, q.layer_schemes())
+    except QuantConfigError as e:
+        raise RecipeError(f"quant: {e}") from None
+    return dict(report.layers)
+
+
+def calibration_budget(recipe: Recipe, train_tokens: int) -> tuple[int, str]:
+    """Calibration tokens and where the number comes from (capped by the training data)."""
+    p, t = recipe.ptq, recipe.train
+    if p.calib_tokens is not None:
+        want, why = p.calib_tokens, "ptq.calib_tokens"
+    elif t.max_steps is not None:
+        want = t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+        why = f"QAT budget: train.max_steps {t.max_steps} x micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x seq_len {recipe.data.seq_len}"
+    else:
+        want = math.ceil(t.epochs * train_tokens)
+        why = f"QAT budget: train.epochs {t.epochs} x {train_tokens} training tokens"
+    if want > train_tokens:
+        return train_tokens, f"{why} = {want}, capped by the {train_tokens} training tokens"
+    return want, why
+
+
+def calibration_blocks(train_set, tokens: int, seed: int):
+    """The first ``ceil(tokens / seq_len)`` blocks of the QAT run's epoch-0 order."""
+    from ..data import TokenBlocks
+    from ..train import BatchPlan
+
+    k = min(len(train_set), max(1, -(-tokens // train_set.input_ids.shape[1])))
+    idx = BatchPlan(len(train_set), k, 1, 0, seed).indices(0)[1]
+    return TokenBlocks(train_set.input_ids[idx], train_set.attention_mask[idx])
+
+
+def pick_devices(opts, model: nn.Module, n_hidden_bytes: int) -> tuple[torch.device, torch.device, bool]:
+    """(compute device, where calibration hidden states live, whether blocks are offloaded)."""
+    from .calibrate import module_bytes
+
+    device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda":
+        device_store, offload = device, False
+    else:
+        free, _ = torch.cuda.mem_get_info(device)
+        need = module_bytes(model)
+        offload = opts.offload == "always" or (opts.offload == "auto" and need > 0.6 * free)
+        fits = n_hidden_bytes < 0.25 * (free - (0 if offload else need))
+        device_store = device if fits else torch.device("cpu")
+    if device_store.type == "cpu":
+        try:
+            avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # pragma: no cover - non-Linux
+            avail = None
+        if avail is not None and n_hidden_bytes > 0.6 * avail:
+            raise RecipeError(
+                f"ptq.calib_tokens: the calibration hidden states ({n_hidden_bytes / 2**30:.1f} GiB, kept for the "
+                f"block being calibrated and its outputs) do not fit in the {avail / 2**30:.1f} GiB of free memory; "
+                "set a smaller ptq.calib_tokens (GPTQ/AWQ commonly use 128 x 2048 = 262,144 tokens)"
+            )
+    return device, device_store, offload
+
+
+def quantize_ptq(
+    model: nn.Module,
+    plan: dict[str, QuantScheme],
+    method: str,
+    calib,
+    opts,
+    device,
+    store_device,
+) -> tuple[dict, dict]:
+    """Quantize ``model`` in place with ``method``. Returns ``(lora, info, folds)``: the low-rank
+    factors ``{layer: (A, B)}`` (QERA), per-method details, and the per-channel factors folded
+    into layers ``{layer: {"input_scale"|"output_scale": s}}`` (AWQ)."""
+    from .calibrate import quantize_layerwise
+    from .rtn import quantize_rtn
+
+    model.eval()
+    if method in ("rtn", "rtn-mse"):
+        clip = "mse" if method == "rtn-mse" else next(iter(plan.values())).scale_init
+        quantize_rtn(model, plan, clip=clip, device=device)
+        return {}, {"clip": clip}, {}
+    lora, info, folds = {}, {}, {}
+    if method == "gptq":
+        from .gptq import gptq_block
+
+        def fn(runner, names):
+            info.update(gptq_block(runner, names, plan, opts.gptq))
+    elif method == "awq":
+        from .awq import awq_block
+
+        def fn(runner, names):
+            info[runner.name], f = awq_block(runner, names, plan, opts.awq)
+            folds.update(f)
+    elif method in ("qera-exact", "qera-approx"):
+        from .qera import qera_block
+
+        def fn(runner, names):
+            lora.update(qera_block(runner, names, plan, opts.qera, method == "qera-exact", opts.gptq))
+    else:
+        raise RecipeError(f"ptq method: expected one of {METHODS}, got {method!r}")
+    with torch.no_grad():
+        outside = quantize_layerwise(model, plan, calib, fn, opts.batch_size, device, store_device, desc=method)
+    if outside:
+        print(f"{method}: {len(outside)} planned layers are outside the decoder blocks; quantized with RTN: {outside[:4]}")
+        quantize_rtn(model, plan, names=outside)
+    return lora, info, folds
+
+
+def save_adapter(model: nn.Module, lora: dict, path: Path):
+    """Wrap ``model`` with PEFT LoRA layers holding ``lora`` (scaling 1) and save the adapter;
+    returns the ``PeftModel`` (what ``PeftModel.from_pretrained(base, path)`` rebuilds)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise RecipeError("ptq: QERA writes its correction as a PEFT adapter; pip install 'qat[peft]'") from None
+
+    ranks = {n: a.shape[0] for n, (a, _) in lora.items()}
+    r = max(ranks.values())
+    odd = {n: k for n, k in ranks.items() if k != r}
+    cfg = LoraConfig(
+        r=r,
+        lora_alpha=r,
+        target_modules=sorted(lora),
+        lora_dropout=0.0,
+        bias="none",
+        init_lora_weights=False,
+        rank_pattern={n.replace(".", r"\."): k for n, k in odd.items()},
+        alpha_pattern={n.replace(".", r"\."): k for n, k in odd.items()},
+    )
+    peft_model = get_peft_model(model, cfg)
+    base = peft_model.base_model.model
+    with torch.no_grad():
+        for n, (a, b) in lora.items():
+            mod = base.get_submodule(n)
+            mod.lora_A["default"].weight.copy_(a)
+            mod.lora_B["default"].weight.copy_(b)
+    peft_model.save_pretrained(str(path))
+    return peft_model.eval()
+
+
+def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Quantize the recipe's model with ``method`` and write the run directory (see module doc)."""
+    from ..data import build_datasets
+    from ..diagnostic import effective_weights, heldout_blocks, layer_output_errors, mean_error
+    from ..eval import perplexity
+    from ..final import save_final
+    from ..eval_cli import load_model_dir
+    from ..train import DTYPES, load_models, load_tokenizer, model_config
+
+    if method not in METHODS:
+        raise RecipeError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if recipe.quant is None:
+        raise RecipeError("quant: PTQ needs a quant section (the scheme to quantize to)")
+    if recipe.model.path is None:
+        raise RecipeError("model.path: PTQ quantizes a pretrained model; this recipe builds one from scratch")
+    out = Path(out_dir) if out_dir is not None else default_run_dir(recipe, method)
+    if any((out / f).exists() for f in RUN_FILES):
+        if not overwrite:
+            raise RecipeError(f"output_dir: {out} already holds a run; pass --overwrite to replace it")
+        for f in RUN_FILES:
+            p = out / f
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    t_start = time.perf_counter()
+    torch.manual_seed(recipe.train.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    recipe = recipe.model_copy(update={"output_dir": str(out)})
+    (out / "recipe.yaml").write_text(recipe.to_yaml())
+
+    tokenizer = load_tokenizer(recipe, out, reuse_trained=False)
+    config = model_config(recipe, tokenizer)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and recipe.data.seq_len > max_pos:
+        raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    plan = quant_plan(recipe, config)
+    try:
+        train_set, valid_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    data_free = method in ("rtn", "rtn-mse")
+    calib, budget, why = None, 0, "data-free"
+    if not data_free:
+        budget, why = calibration_budget(recipe, train_set.n_tokens)
+        if budget == 0:
+            raise RecipeError(f"ptq.calib_tokens: {method} needs calibration data but the budget is 0 ({why})")
+        calib = calibration_blocks(train_set, budget, recipe.train.seed)
+        print(f"{method}: calibrating on {calib.n_tokens} tokens in {len(calib)} sequences ({why})")
+
+    student, teacher = load_models(recipe, config)
+    student.eval().requires_grad_(False)
+    # hidden states of the calibration set, twice (a block's inputs and its outputs)
+    elem = torch.finfo(DTYPES[recipe.model.dtype]).bits // 8
+    hidden = 2 * getattr(config, "hidden_size", 0) * (len(calib) * calib.seq_len if calib is not None else 0) * elem
+    device, store, offload = pick_devices(recipe.ptq, student, hidden)
+    if not offload:
+        student.to(device)
+    timings = {"setup_s": time.perf_counter() - t_start}
+    t_q = time.perf_counter()
+    lora, info, folds = quantize_ptq(student, plan, method, calib, recipe.ptq, device, store)
+    quant_time = time.perf_counter() - t_q
+    timings["quantize_s"] = quant_time
+    t_phase = time.perf_counter()
+
+    save_dtype = DTYPES[recipe.model.save_dtype or recipe.model.dtype]
+    final_dir = out / "final"
+    save_final(student, tokenizer, final_dir, save_dtype)
+    if folds:
+        from safetensors.torch import save_file
+
+        from ..diagnostic import SCALES_FILE
+
+        save_file({f"{n}.{k}": t.clone().contiguous() for n, d in folds.items() for k, t in d.items()}, str(final_dir / SCALES_FILE))
+    if lora:
+        save_adapter(student, lora, final_dir / "adapter")
+    del student
+    timings["save_s"] = time.perf_counter() - t_phase
+    from ..diagnostic import bits_per_weight
+    result = {
+        "method": method,
+        "bits": sorted({s.bits for s in plan.values()}),
+        "group_size": sorted({s.group_size or 0 for s in plan.values()}),
+        "quantized_layers": len(plan),
+        "bits_per_weight": bits_per_weight(final_dir),
+        "calib_tokens": calib.n_tokens if calib is not None else 0,
+        "calib_sequences": len(calib) if calib is not None else 0,
+        "calib_budget": why,
+        "device": str(device),
+        "offload": offload,
+        "quant_time_s": quant_time,
+        "wall_time_s": None,
+        "details": info if method in ("gptq", "awq") else None,
+        "lora_rank": recipe.ptq.qera.rank if lora else None,
+        "timings": timings,
+    }
+    if valid_set is not None:  # final/ as loaded from disk (with its adapter), as qat train evaluates it
+        ev = recipe.eval
+        model, _ = load_model_dir(final_dir, recipe.model.save_dtype or recipe.model.dtype, str(device))
+        if teacher is not None:
+            teacher.to(device)
+        t_phase = time.perf_counter()
+        s = perplexity(model, valid_set, ev.batch_size, ev.max_batches, teacher=teacher, desc=f"eval {method}")
+        result["student"] = {k: v for k, v in s.items() if not k.startswith("teacher_")}
+        if teacher is not None:
+            result["teacher"] = {"ppl": s["teacher_ppl"], "nll": s["teacher_nll"], "tokens": s["tokens"]}
+            timings["eval_s"] = time.perf_counter() - t_phase
+            t_phase = time.perf_counter()
+            held = heldout_blocks(valid_set, recipe.ptq.diag_tokens)
+            errs = layer_output_errors(teacher, {method: effective_weights(final_dir)}, held, ev.batch_size)[method]
+            result["layer_errors"] = errs
+            result["mean_layer_error"] = mean_error(errs)
+            result["diag_tokens"] = held.n_tokens
+            timings["layer_errors_s"] = time.perf_counter() - t_phase
+        line = f"{method}: perplexity {s['ppl']:.3f} over {s['tokens']} tokens"
+        if teacher is not None:
+            line += f", teacher {s['teacher_ppl']:.3f}, KL {s['kl_to_teacher']:.4f}, mean layer output error {result['mean_layer_error']:.4f}"
+        print(line)
+    result["wall_time_s"] = time.perf_counter() - t_start
+    (out / "eval.json").write_text(json.dumps(result, indent=1))
+    return out
