@@ -158,8 +158,19 @@ class DistillSection(_Section):
     ce_weight: float = Field(0.0, ge=0)
 
 
+class GenerateSection(_Section):
+    """Data-free distillation data (LLM-QAT, arXiv 2305.17888): sequences sampled from the teacher."""
+
+    count: int = Field(1024, gt=0, description="sequences to generate")
+    length: int | None = Field(None, gt=1, description="tokens per sequence (default: data.seq_len)")
+    temperature: float = Field(1.0, gt=0)
+    top_k: int | None = Field(50, gt=0, description="null: sample from the full distribution")
+    seed: int = 0
+    batch_size: int = Field(32, gt=0, description="sequences per generate call (and per cache shard)")
+
+
 class DataSection(_Section):
-    source: Literal["files", "hf", "python-stdlib"] = "files"
+    source: Literal["files", "hf", "python-stdlib", "teacher-generated"] = "files"
     files: list[str] | None = Field(None, description="local text/json/jsonl/parquet files or globs (.gz ok)")
     name: str | None = Field(None, description="load_dataset path or hub name (source: hf)")
     config: str | None = None
@@ -174,6 +185,8 @@ class DataSection(_Section):
     packing: bool = True
     max_train_tokens: int | None = Field(None, gt=0)
     max_valid_tokens: int | None = Field(None, gt=0)
+    generate: GenerateSection = GenerateSection()
+    cache_dir: str | None = Field(None, description="teacher-generated data cache (default: <output_dir>/generated-data)")
 
     _lists = field_validator("files", "valid_files", mode="before")(_as_list)
 
@@ -185,6 +198,8 @@ class DataSection(_Section):
             raise ValueError("data.source 'hf' needs data.name")
         if self.source != "files" and self.files:
             raise ValueError(f"data.files is only for data.source 'files' (source is {self.source!r})")
+        if self.source == "teacher-generated" and self.valid_fraction > 0:
+            raise ValueError("data.valid_fraction: not for data.source 'teacher-generated' (use data.valid_files)")
         if self.source != "hf" and self.valid_split:
             raise ValueError("data.valid_split is only for data.source 'hf' (use valid_files or valid_fraction)")
         held_out = [bool(self.valid_files), bool(self.valid_split), self.valid_fraction > 0]
@@ -224,6 +239,33 @@ class TrainSection(_Section):
     def _length(self):
         if (self.max_steps is None) == (self.epochs is None):
             raise ValueError("set exactly one of train.max_steps or train.epochs")
+        return self
+
+
+class PeftSection(_Section):
+    """LoRA on the fake-quant student (``qat/lora.py``)."""
+
+    mode: Literal["separate", "merged"] = Field(
+        "separate",
+        description="separate: frozen quantized base + full-precision adapter (QLoRA style, final/adapter/); "
+        "merged: the quantizer sees W + (alpha/r) B A, final/ is the merged, re-quantized model",
+    )
+    r: int = Field(16, gt=0)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | None = Field(None, description="regexes on layer names (default: every quantized, non-frozen layer)")
+    init: Literal["gaussian", "loftq", "qera"] = "gaussian"
+    loftq_iters: int = Field(1, gt=0)
+    init_tokens: int = Field(16384, gt=0, description="calibration tokens (training data) for init: qera")
+
+    _lists = field_validator("target_modules", mode="before")(_as_list)
+
+    @model_validator(mode="after")
+    def _merged(self):
+        if self.mode == "merged" and self.dropout > 0:
+            raise ValueError("peft.dropout: must be 0 with peft.mode 'merged' (the adapter is part of the weight)")
+        if self.mode == "merged" and self.init != "gaussian":
+            raise ValueError("peft.init: loftq/qera initialise the adapter of peft.mode 'separate'; 'merged' starts at W (gaussian)")
         return self
 
 
@@ -298,6 +340,7 @@ class Recipe(_Section):
     tokenizer: TokenizerSection = TokenizerSection()
     teacher: TeacherSection | None = TeacherSection()
     quant: QuantSection | None = QuantSection()
+    peft: PeftSection | None = None
     freeze: FreezeSection = FreezeSection()
     distill: DistillSection = DistillSection()
     data: DataSection
@@ -315,6 +358,10 @@ class Recipe(_Section):
             raise ValueError("distill.ce_weight: must be > 0 when teacher is null (nothing else to learn from)")
         if self.teacher is not None and self.distill.kd_weight == 0 and self.distill.ce_weight == 0:
             raise ValueError("distill: kd_weight and ce_weight are both 0")
+        if self.peft is not None and self.quant is None:
+            raise ValueError("peft: LoRA-QAT needs a quant section (quant is null)")
+        if self.data.source == "teacher-generated" and self.teacher_path is None:
+            raise ValueError("data.source: 'teacher-generated' needs a teacher (teacher.path or a pretrained model.path)")
         if self.tokenizer.path is None and self.tokenizer.train_vocab_size is None and self.model.path is None:
             raise ValueError("tokenizer: a from-scratch model needs tokenizer.path or tokenizer.train_vocab_size")
         return self

@@ -30,7 +30,8 @@ from .checkpoint import CheckpointError, latest_checkpoint, read_state, save_che
 from .data import build_datasets, load_documents, train_tokenizer
 from .distill import ce_loss, kd_loss
 from .eval import perplexity
-from .final import save_final
+from .generate import build_run_datasets
+from .lora import apply_lora, init_calibration, save_lora_final
 from .quant import QuantReport, apply_freeze, quantize_model
 from .quant.scheme import QuantConfigError
 from .recipe import Recipe, RecipeError
@@ -377,7 +378,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
         dry_run_quant(recipe, config)
         try:
-            train_set, valid_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+            train_set, valid_set = build_run_datasets(recipe, tokenizer)  # teacher-generated: cached samples
         except ValueError as e:
             raise RecipeError(str(e)) from None
         plan = BatchPlan(len(train_set), t.micro_batch_size, accelerator.num_processes, accelerator.process_index, t.seed)
@@ -393,6 +394,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
 
     student, teacher = load_models(recipe, config)
     report, frozen = build_student_quant(student, recipe)
+    student = apply_lora(student, recipe, init_calibration(recipe, train_set))  # peft: LoRA-QAT
     if main:
         print(report.summary() if report else "no quantization (quant: null): plain fine-tuning")
         if frozen:
@@ -514,17 +516,18 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     if main:
         final = load_student(recipe, config)
         build_student_quant(final, recipe)
+        final = apply_lora(final, recipe, init=False)
         final.load_state_dict(state)
-        save_final(final, tokenizer, out / "final", save_dtype)
+        save_lora_final(final, tokenizer, out / "final", save_dtype)  # peft: merged and re-quantized, or adapter/
         del final
     del state
     accelerator.wait_for_everyone()
     result = {"steps": step, "wall_time_s": None, "quantized_layers": len(report.layers) if report else 0, "frozen_layers": frozen}
     if valid_set is not None:
-        from transformers import AutoModelForCausalLM
+        from .eval_cli import load_model_dir
 
         ev = recipe.eval
-        final = AutoModelForCausalLM.from_pretrained(out / "final", dtype=save_dtype).to(accelerator.device)
+        final, _ = load_model_dir(out / "final", recipe.model.save_dtype or recipe.model.dtype, str(accelerator.device))
         result["student"] = perplexity(final, valid_set, ev.batch_size, ev.max_batches, teacher=teacher, accelerator=accelerator, desc="eval final/")
         if teacher is not None:
             result["teacher"] = perplexity(teacher, valid_set, ev.batch_size, ev.max_batches, accelerator=accelerator, desc="eval teacher")
