@@ -289,7 +289,7 @@ class CheckpointSection(_Section):
     resume: str | None = Field(None, description="'auto' (newest complete checkpoint) or a checkpoint dir")
 
 
-PTQ_METHODS = ("rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx")
+PTQ_METHODS = ("rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx", "nf4")
 
 
 class GPTQOptions(_Section):
@@ -315,7 +315,7 @@ class QERAOptions(_Section):
 
 
 class PTQSection(_Section):
-    methods: list[Literal["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx"]] = Field(
+    methods: list[Literal["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx", "nf4"]] = Field(
         ["rtn", "gptq", "awq", "qera-exact"], description="the PTQ baselines `qat compare` runs"
     )
     calib_tokens: int | None = Field(

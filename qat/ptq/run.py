@@ -132,6 +132,10 @@ def quantize_ptq(
     from .rtn import quantize_rtn
 
     model.eval()
+    if method == "nf4":  # bitsandbytes NF4, not on the integer grid (ptq/nf4.py)
+        from .nf4 import BLOCKSIZE, quantize_nf4
+
+        return {}, {"nf4_layers": quantize_nf4(model, plan, device), "blocksize": BLOCKSIZE}, {}
     if method in ("rtn", "rtn-mse"):
         clip = "mse" if method == "rtn-mse" else next(iter(plan.values())).scale_init
         quantize_rtn(model, plan, clip=clip, device=device)
@@ -233,7 +237,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
         train_set, valid_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
     except ValueError as e:
         raise RecipeError(str(e)) from None
-    data_free = method in ("rtn", "rtn-mse")
+    data_free = method in ("rtn", "rtn-mse", "nf4")
     calib, budget, why = None, 0, "data-free"
     if not data_free:
         budget, why = calibration_budget(recipe, train_set.n_tokens)
@@ -260,6 +264,10 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
     save_dtype = DTYPES[recipe.model.save_dtype or recipe.model.dtype]
     final_dir = out / "final"
     save_final(student, tokenizer, final_dir, save_dtype)
+    if method == "nf4":
+        from .nf4 import annotate_final
+
+        annotate_final(final_dir, info["nf4_layers"])
     if folds:
         from safetensors.torch import save_file
 
@@ -276,7 +284,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
         "bits": sorted({s.bits for s in plan.values()}),
         "group_size": sorted({s.group_size or 0 for s in plan.values()}),
         "quantized_layers": len(plan),
-        "bits_per_weight": bits_per_weight(final_dir),
+        "bits_per_weight": 4 + 32 / 64 if method == "nf4" else bits_per_weight(final_dir),  # nf4: fp32 absmax per 64
         "calib_tokens": calib.n_tokens if calib is not None else 0,
         "calib_sequences": len(calib) if calib is not None else 0,
         "calib_budget": why,
@@ -284,7 +292,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
         "offload": offload,
         "quant_time_s": quant_time,
         "wall_time_s": None,
-        "details": info if method in ("gptq", "awq") else None,
+        "details": info if method in ("gptq", "awq") else {"note": "bitsandbytes NF4 blocksize 64, not on qat's integer grid"} if method == "nf4" else None,
         "lora_rank": recipe.ptq.qera.rank if lora else None,
         "timings": timings,
     }
