@@ -280,7 +280,12 @@ def nonfinite_step(step_sums: torch.Tensor, grad_norm: float | None, accelerator
 
 
 def _as_float(x) -> float | None:
-    return None if x is None else float(x)
+    """A gradient norm as a float: None under DeepSpeed without one, a DTensor under FSDP2."""
+    if x is None:
+        return None
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
 
 
 # -- logging -------------------------------------------------------------------------------
