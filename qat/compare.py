@@ -50,7 +50,13 @@ def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None
     result = json.loads(ev.read_text())
     if method is not None and result.get("method") != method:
         return None
-    if _comparable(yaml.safe_load(rp.read_text()) or {}, kind) != _comparable(recipe.to_dict(), kind):
+    from .recipe import validate
+
+    try:  # through the current schema, so keys added since (with their defaults) compare equal
+        old = validate(yaml.safe_load(rp.read_text()) or {})
+    except RecipeError:
+        return None
+    if _comparable(old.to_dict(), kind) != _comparable(recipe.to_dict(), kind):
         return None
     return result
 
@@ -269,6 +275,9 @@ def report_png(report: dict, path: Path) -> None:
     methods = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("fp")))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(methods))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    colors = {m: cycle[j % len(cycle)] for j, m in enumerate(methods)}
+    markers = {lab: "osD^v<>p*"[i % 9] for i, lab in enumerate(labels)}
     for j, m in enumerate(methods):
         xs, ys = [], []
         for i, lab in enumerate(labels):
@@ -276,7 +285,7 @@ def report_png(report: dict, path: Path) -> None:
             if r is not None:
                 xs.append(i + (j - (len(methods) - 1) / 2) * width)
                 ys.append(r["ppl"])
-        ax.bar(xs, ys, width, label=m)
+        ax.bar(xs, ys, width, label=m, color=colors[m])
     for i, lab in enumerate(labels):
         fp = next((r for r in rows if r["recipe"] == lab and r["method"].startswith("fp")), None)
         if fp is not None:
@@ -294,8 +303,12 @@ def report_png(report: dict, path: Path) -> None:
     for r in rows:
         if r["method"].startswith("fp") or r["kl_to_teacher"] is None:
             continue
-        ax2.scatter(r["mean_layer_error"], r["kl_to_teacher"], s=25)
-        ax2.annotate(f"{r['method']} {r['recipe']}", (r["mean_layer_error"], r["kl_to_teacher"]), fontsize=7)
+        ax2.scatter(r["mean_layer_error"], r["kl_to_teacher"], s=36, color=colors[r["method"]], marker=markers[r["recipe"]])
+    for m in methods:
+        ax2.scatter([], [], color=colors[m], marker="o", label=m)
+    for lab in labels:
+        ax2.scatter([], [], color="gray", marker=markers[lab], label=lab)
+    ax2.legend(fontsize=7, ncol=2)
     ax2.set_xlabel("mean layer output error (local)")
     ax2.set_ylabel("KL to teacher (global)")
     ax2.set_xscale("log")

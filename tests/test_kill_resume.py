@@ -82,12 +82,12 @@ def install_pause(where, marker):
             stop_here(marker, str(path))
         qat.checkpoint._write_json_atomic = write
     elif where == "final":
-        orig = qat.train.save_final
+        orig = qat.final.save_final  # looked up at call time by qat.lora.save_lora_final
         def save_final(*a, **k):
             out = orig(*a, **k)
             stop_here(marker, "final")
             return out
-        qat.train.save_final = save_final
+        qat.final.save_final = save_final
     else:
         raise ValueError(where)
 

@@ -329,3 +329,49 @@ def test_awq_scale_groups_and_fold_check(tiny):
     odd.input_layernorm = OnePlusNorm(block.input_layernorm.weight.detach())
     groups = scale_groups(odd, "model.layers.0", names)
     assert "model.layers.0.input_layernorm" not in [g.prev for g in groups]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq", "qera-exact"])
+def test_methods_on_an_opt_model(tiny_opt, method):
+    """Another block layout (``model.decoder.layers``, LayerNorm with bias, ReLU MLP, ``out_proj``)."""
+    from qat.data import TokenBlocks
+    from qat.ptq import quantize_ptq
+    from qat.ptq.awq import scale_groups
+    from qat.quant import quantize_model
+
+    plan = dict(quantize_model(copy.deepcopy(tiny_opt), QuantScheme(4, 32)).layers)
+    g = torch.Generator().manual_seed(0)
+    calib = TokenBlocks(torch.randint(0, 256, (8, 64), generator=g))
+    model = copy.deepcopy(tiny_opt)
+    if method == "awq":
+        names = [n for n in plan if n.startswith("model.decoder.layers.0.")]
+        prevs = [sg.prev.rsplit(".", 1)[-1] for sg in scale_groups(model.model.decoder.layers[0], "model.decoder.layers.0", names)]
+        assert prevs == ["self_attn_layer_norm", "v_proj", "final_layer_norm", "fc1"]
+    lora, _, folds = quantize_ptq(model, plan, method, calib, _opts(), "cpu", "cpu")
+    _assert_on_grid(model, plan)
+    ids = torch.randint(0, 256, (2, 64), generator=g)
+    with torch.no_grad():
+        ref, out = tiny_opt(input_ids=ids).logits, model(input_ids=ids).logits
+    assert torch.isfinite(out).all() and (out - ref).abs().max() < 0.5 * ref.abs().max()
+    assert bool(folds) == (method == "awq") and bool(lora) == (method == "qera-exact")
+
+
+def test_linear_groups_by_shared_input_after_partial_quantization(tiny):
+    """Layers are grouped by the identity of the tensor they receive (q/k/v and gate/up share
+    one), also once earlier layers are quantized with LoRA hooks (freed inputs reused memory
+    and merged o_proj into the gate/up group when groups were keyed by data pointer)."""
+    from qat.ptq.calibrate import BlockRunner, attach_lowrank, capture_inputs, install_quantized
+    from qat.ptq.rtn import rtn_qparams
+
+    model = copy.deepcopy(tiny["model"])
+    inputs = capture_inputs(model, tiny["calib"], 4, "cpu", "cpu")
+    runner = BlockRunner(model, model.model.layers[0], "model.layers.0", inputs, "cpu", "cpu")
+    names = [n for n in tiny["plan"] if n.startswith("model.layers.0.")]
+    expected = [["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"]]
+    short = lambda groups: [[n.rsplit(".", 1)[-1] for n in g] for g in groups]  # noqa: E731
+    assert short(runner.linear_groups(names)) == expected
+    for n in names[:4]:  # q, k, v, o quantized, with a low-rank hook each
+        layer = install_quantized(model, n, tiny["plan"][n], *rtn_qparams(model.get_submodule(n).weight, tiny["plan"][n]))
+        attach_lowrank(layer, torch.zeros(2, layer.in_features), torch.zeros(layer.out_features, 2))
+    for _ in range(3):
+        assert short(runner.linear_groups(names)) == expected

@@ -252,10 +252,6 @@ class BlockRunner:
         self.device, self.store_device = torch.device(device), torch.device(store_device)
         self._mask: Tensor | None = None
 
-    @property
-    def n_tokens(self) -> int:
-        return sum(int(i.mask.sum()) if i.mask is not None else i.hidden.shape[0] * i.hidden.shape[1] for i in self.inputs)
-
     def module(self, name: str) -> nn.Module:
         return self.model.get_submodule(name)
 
@@ -291,13 +287,15 @@ class BlockRunner:
 
     @torch.no_grad()
     def linear_groups(self, names: list[str]) -> list[list[str]]:
-        """``names`` grouped by shared input tensor, in call order (q/k/v, o, gate/up, down)."""
-        order: list[tuple[str, tuple]] = []
+        """``names`` grouped by shared input tensor, in call order (q/k/v, o, gate/up, down).
+
+        Inputs are compared by identity while a reference to each is held, so a freed tensor
+        whose memory is reused for a later input cannot make two groups look like one."""
+        order: list[tuple[str, Tensor]] = []
         handles = []
         for n in names:
             def rec(_m, args, n=n):
-                x = args[0]
-                order.append((n, (x.data_ptr(), tuple(x.shape), x.dtype)))
+                order.append((n, args[0]))
             handles.append(self.module(n).register_forward_pre_hook(rec))
         try:
             self.run([0])
@@ -305,17 +303,18 @@ class BlockRunner:
             for h in handles:
                 h.remove()
         groups: list[list[str]] = []
-        last_key = None
+        last = None
         seen = set()
-        for n, key in order:
+        for n, x in order:
             if n in seen:
                 continue  # a layer called twice: keep its first call
             seen.add(n)
-            if groups and key == last_key:
+            if groups and x is last:
                 groups[-1].append(n)
             else:
                 groups.append([n])
-            last_key = key
+            last = x
+        del order
         missing = [n for n in names if n not in seen]
         if missing:
             groups.append(missing)  # never called on the calibration data: still quantized (data-free)
