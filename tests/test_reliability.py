@@ -232,13 +232,14 @@ def test_resume_unpickles_nothing_but_tensors(tmp_path, monkeypatch, capsys):
 
 def test_a_run_writes_only_inside_its_output_dir(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    # offline through the recipe: wandb's in-process settings keep the environment of its first use
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_DIR", raising=False)
     work = tmp_path / "work"
     work.mkdir()
     repo_before = {p for p in REPO.rglob("*") if ".git" not in p.parts and "__pycache__" not in p.parts}
     first = work / "first"
-    crafted = ["tracking.wandb_project=qat-tests", "tracking.run_name=../../../escape-run",
+    crafted = ["tracking.wandb_project=qat-tests", "tracking.mode=offline", "tracking.run_name=../../../escape-run",
                "tracking.tags=['../escape-tag']", "checkpoint.every=2"]
     assert train(first, "train.max_steps=2", *crafted) == 0
     first_files = digest(first)
@@ -258,12 +259,13 @@ def test_wandb_key_is_written_nowhere(tmp_path, monkeypatch, capfd):
     pytest.importorskip("wandb")
     key = "qatsecret" + "0123456789abcdef" * 2
     monkeypatch.setenv("WANDB_API_KEY", key)
-    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
     out = tmp_path / "run"
-    assert train(out, "train.max_steps=2", "checkpoint.every=2", "tracking.wandb_project=qat-tests") == 0
+    assert train(out, "train.max_steps=2", "checkpoint.every=2", "tracking.wandb_project=qat-tests", "tracking.mode=offline") == 0
     captured = capfd.readouterr()
     assert key not in captured.out and key not in captured.err
     files = [p for p in out.rglob("*") if p.is_file()]
-    assert any(p.parts[-2:] == ("final", "model.safetensors") for p in files) and any("wandb" in p.parts for p in files)
+    assert any(p.parts[-2:] == ("final", "model.safetensors") for p in files)
+    assert list((out / "wandb").glob("offline-run-*")), "wandb did not run (offline)"
     for p in files:
         assert key.encode() not in p.read_bytes(), f"the wandb key was written to {p}"
