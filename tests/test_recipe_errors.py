@@ -356,3 +356,18 @@ def test_subprocess_cases(tmp_path):
         assert key in err and "Traceback" not in err, err[-2000:]
         assert not out.exists()
     assert not (tmp_path / "pwned").exists()
+
+
+def test_yaml_12_booleans(tmp_path):
+    """``no`` / ``yes`` / ``on`` / ``off`` are strings (YAML 1.2), so Accelerate's spelling
+    ``mixed_precision: no`` works in a file and as an override; true/false stay booleans."""
+    from qat.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    text = Path(TINY).read_text().replace("\ntrain:\n", "\ntrain:\n  mixed_precision: no\n  activation_checkpointing: yes\n")
+    path.write_text(text)
+    r = load_recipe(path, check_files=False)
+    assert r.train.mixed_precision == "no" and r.train.activation_checkpointing is True  # a bool field still reads 'yes'
+    r = load_recipe(TINY, ["train.mixed_precision=no", "train.activation_checkpointing=true"], check_files=False)
+    assert r.train.mixed_precision == "no" and r.train.activation_checkpointing is True
+    assert load_recipe(TINY, ["tracking.run_name=off"], check_files=False).tracking.run_name == "off"
