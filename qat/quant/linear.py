@@ -63,6 +63,8 @@ class QuantizedWeight:
 
 
 class QATLinear(nn.Linear):
+    quant_enabled = True  # False: forward is the plain Linear (fixed/frozen layers stay on their grid)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, **kw):
         super().__init__(in_features, out_features, bias=bias, **kw)
         self.scheme = scheme
@@ -121,6 +123,8 @@ class QATLinear(nn.Linear):
         return w.to(self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        if not self.quant_enabled and not self.fixed:  # quant.start_step: a plain Linear until then
+            return F.linear(x, self.weight, self.bias)
         if self.scheme.act_bits is not None:
             x = fake_quantize_activation(x, self.scheme.act_bits)
         return F.linear(x, self.fake_quantized_weight(), self.bias)
