@@ -13,7 +13,7 @@ import sys
 from .quant.scheme import QuantConfigError
 from .recipe import RecipeError
 
-COMMANDS = ("qat.train_cli", "qat.export_cli", "qat.ptq_cli", "qat.eval_cli", "qat.compare")
+COMMANDS = ("qat.train_cli", "qat.export_cli", "qat.ptq_cli", "qat.eval_cli", "qat.compare", "qat.analyze_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

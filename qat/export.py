@@ -79,6 +79,7 @@ class ExportSource:
     qweights: dict[str, QuantizedWeight]
     adapter_dir: Path | None = None
     notes: dict = field(default_factory=dict)
+    any_bits: bool = False  # pack int2/int3 too (compressed-tensors; not servable by vLLM)
 
 
 def resolve_run(run_dir: str | os.PathLike) -> tuple[Path | None, Path]:
@@ -212,9 +213,11 @@ def _fake_hint(fmt: str) -> str:
     return f"export it with --format fake (dequantized weights + {QUANT_FILE}) instead of a {fmt} checkpoint that would differ"
 
 
-def check_servable(layers: dict[str, dict], fmt: str) -> None:
-    """Refuse schemes a serving engine cannot take, naming the layers, and offer --format fake."""
-    bad_bits = {n: i["bits"] for n, i in layers.items() if i["bits"] not in SERVABLE_BITS}
+def check_servable(layers: dict[str, dict], fmt: str, any_bits: bool = False) -> None:
+    """Refuse schemes a serving engine cannot take, naming the layers, and offer --format fake.
+    ``any_bits``: allow int2/int3 (packed densely by compressed-tensors 0.20 and loaded back by
+    transformers, but no vLLM kernel takes them; the int3 layout changed in compressed-tensors 2026)."""
+    bad_bits = {} if any_bits else {n: i["bits"] for n, i in layers.items() if i["bits"] not in SERVABLE_BITS}
     if bad_bits:
         bits = sorted(set(bad_bits.values()))
         mixed = len(bad_bits) < len(layers)
@@ -232,8 +235,8 @@ def check_servable(layers: dict[str, dict], fmt: str) -> None:
         )
 
 
-def check_compressed_tensors(layers: dict[str, dict]) -> None:
-    check_servable(layers, "compressed-tensors")
+def check_compressed_tensors(layers: dict[str, dict], any_bits: bool = False) -> None:
+    check_servable(layers, "compressed-tensors", any_bits)
     keys = {_scheme_key(i) for i in layers.values()}
     if len(keys) > 1 and any(not k[2] for k in keys):
         raise ExportError(
@@ -327,7 +330,7 @@ def write_compressed_tensors(src: ExportSource, out: Path) -> dict:
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 
-    check_compressed_tensors(src.layers)
+    check_compressed_tensors(src.layers, src.any_bits)
     model = src.model
     # the exact fp32 product (u - z) * s: compressed-tensors re-quantizes it to our codes exactly
     for name, qw in src.qweights.items():
@@ -584,6 +587,7 @@ def export(
     overwrite: bool = False,
     verify: bool = False,
     log=print,
+    any_bits: bool = False,
 ) -> dict:
     """``qat export``: read the run, write ``out`` (atomically: a temp dir renamed at the end),
     keep or merge the adapter, record sizes in eval.json. Returns the eval.json entry."""
@@ -594,7 +598,7 @@ def export(
     if fmt == "gptq":  # the cheap checks, before any weights load
         check_gptq_schemes(layers)
     elif fmt == "compressed-tensors":
-        check_compressed_tensors(layers)
+        check_compressed_tensors(layers, any_bits)
     out = Path(out) if out is not None else (run or final.parent) / f"export-{fmt}"
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ExportError(f"--out {out}: exists and is not empty; pass --overwrite to replace it")
@@ -603,6 +607,7 @@ def export(
 
     t0 = time.perf_counter()
     src = load_source(run or final)
+    src.any_bits = any_bits
     merge_info = None
     if merge:
         ids, what = sample_ids(src)

@@ -9,7 +9,8 @@ def run(args) -> int:
     from .export import ExportError, export
 
     try:
-        export(args.run_dir, args.format, args.out, merge=args.merge_lora, overwrite=args.overwrite, verify=args.verify)
+        export(args.run_dir, args.format, args.out, merge=args.merge_lora, overwrite=args.overwrite, verify=args.verify,
+               any_bits=args.any_bits)
     except ExportError as e:
         print(f"qat export: error: {e}", file=sys.stderr)
         return 2
@@ -40,4 +41,10 @@ def add_parser(sub) -> None:
         "(default: keep the adapter separate beside the packed base)",
     )
     e.add_argument("--verify", action="store_true", help="load the export back and compare with final/")
+    e.add_argument(
+        "--any-bits",
+        action="store_true",
+        help="compressed-tensors: pack int2/int3 layers too (e.g. a CVXQ mixed-precision allocation); transformers "
+        "loads them back, vLLM's kernels do not take them",
+    )
     e.set_defaults(func=run)
