@@ -23,11 +23,15 @@ __all__ = [
     "qrange",
     "group_view",
     "minmax_qparams",
+    "minmax_qparams_unchecked",
     "mse_clip_ratio",
     "quantize",
     "dequantize",
     "fake_quantize",
     "fake_quantize_ste",
+    "fake_quantize_masked",
+    "lsq_qparam_grad_terms",
+    "lsq_qparam_grads",
     "round_ste",
     "fake_quantize_activation",
     "check_finite",
@@ -75,6 +79,18 @@ def minmax_qparams(
     """Scale and zero-point per (row, group) from the group's range, optionally shrunk by
     ``clip_ratio`` (a scalar or a ``[out, n_groups]`` tensor in (0, 1])."""
     check_finite(w)
+    return minmax_qparams_unchecked(w, bits, group_size, symmetric, clip_ratio)
+
+
+def minmax_qparams_unchecked(
+    w: Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    clip_ratio: Tensor | float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``minmax_qparams`` without the finiteness check (which syncs a GPU with the host): the
+    body the fused training kernels compile (``qat/quant/fused.py``). Same values, bit for bit."""
     wg = group_view(w, group_size)
     lo = wg.amin(dim=-1).clamp(max=0)
     hi = wg.amax(dim=-1).clamp(min=0)
@@ -222,6 +238,38 @@ def fake_quantize_ste(
 ) -> Tensor:
     """``fake_quantize`` with the STE / LSQ autograd rule (same forward values, bit for bit)."""
     return _FakeQuantSTE.apply(w, scale, zero, bits, symmetric, group_size)
+
+
+def fake_quantize_masked(
+    w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None
+) -> tuple[Tensor, Tensor]:
+    """``fake_quantize`` plus the STE's mask ``[out, n_groups, g]`` (True where ``w / s + z`` is
+    inside the code range): the forward of ``_FakeQuantSTE``, as one pure function."""
+    s = _expand(scale)
+    v, q, z, qmin, qmax = _signed_codes(group_view(w, group_size), s, _expand(zero), bits, symmetric)
+    return ((q - z) * s).reshape(w.shape), (v >= qmin) & (v <= qmax)
+
+
+def lsq_qparam_grad_terms(
+    gy: Tensor, w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None
+) -> tuple[Tensor, Tensor]:
+    """Per-weight terms ``[out, n_groups, g]`` of the LSQ gradients of ``_FakeQuantSTE`` for the
+    scale and zero-point, recomputing ``v`` and ``q`` from ``w`` instead of keeping them; their
+    ``.sum(-1)`` are the gradients (``lsq_qparam_grads``)."""
+    s = _expand(scale)
+    v, q, z, qmin, qmax = _signed_codes(group_view(w, group_size), s, _expand(zero), bits, symmetric)
+    in_range = (v >= qmin) & (v <= qmax)
+    gyg = group_view(gy, group_size)
+    return gyg * torch.where(in_range, q - v, q - z), gyg * torch.where(in_range, 0.0, -s)
+
+
+def lsq_qparam_grads(
+    gy: Tensor, w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None
+) -> tuple[Tensor, Tensor]:
+    """Gradients of ``sum(gy * fake_quantize(w))`` for the scale and zero-point (LSQ rule of
+    ``_FakeQuantSTE``)."""
+    ts, tz = lsq_qparam_grad_terms(gy, w, scale, zero, bits, symmetric, group_size)
+    return ts.sum(-1).to(scale.dtype), tz.sum(-1).to(zero.dtype)
 
 
 def round_ste(x: Tensor) -> Tensor:

@@ -46,6 +46,7 @@ from .grid import (
     quantize,
     round_ste,
 )
+from . import fused
 from .scheme import QuantScheme
 
 
@@ -127,7 +128,19 @@ class QATLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.scheme.act_bits is not None:
             x = fake_quantize_activation(x, self.scheme.act_bits)
+        if fused.use_fused(self.weight.device) and type(self).fake_quantized_weight is QATLinear.fake_quantized_weight:
+            return F.linear(x, self.fused_fake_quantized_weight(x.device.type), self.bias)
         return F.linear(x, self.fake_quantized_weight(), self.bias)
+
+    def fused_fake_quantized_weight(self, device_type: str, compiled: bool = True) -> Tensor:
+        """``fake_quantized_weight()`` as F.linear will consume it (autocast dtype under mixed
+        precision), through the fused kernels of ``fused.py``; the same values bit for bit."""
+        s = self.scheme
+        out_dtype = fused.forward_dtype(self.weight, device_type)
+        if not (self.fixed or s.learnable):
+            return fused.dynamic_fake_quant(self.weight, self.clip_ratio, s.bits, s.symmetric, s.group_size, out_dtype, compiled)
+        scale, zero = self.qparams()
+        return fused.given_fake_quant(self.weight, scale, zero, s.bits, s.symmetric, s.group_size, out_dtype, compiled)
 
     # -- export --------------------------------------------------------------------------
     @torch.no_grad()
