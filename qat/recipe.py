@@ -99,9 +99,18 @@ class QuantSection(_Section):
     scale_init: Literal["minmax", "mse"] = "minmax"
     learnable: bool = False
     act_bits: Literal[8] | None = None
+    kernel: Literal["auto", "eager", "compile"] = Field(
+        "auto", description="fake-quant implementation: auto = compiled (fused) on CUDA, eager elsewhere; same values bit for bit"
+    )
     targets: list[str] | None = None
     ignore: list[str] = []
     overrides: list[QuantOverride] = []
+    start_step: int = Field(
+        0, ge=0, description="fake-quant off (plain fine-tuning / KD) before this optimizer step; at it the qparams are re-initialised from the weights"
+    )
+    init_from: str | None = Field(
+        None, description="a `qat ptq` (or `qat train`) run directory: its final/ quantized weights (and qparams, when on their grid) are the starting point"
+    )
 
     _lists = field_validator("targets", "ignore", mode="before")(_as_list)
 
@@ -139,6 +148,8 @@ class QuantSection(_Section):
 class FreezeSection(_Section):
     policy: Literal["none", "ov-freeze", "custom"] = "none"
     patterns: list[str] | None = None
+    start_step: int = Field(0, ge=0, description="freeze at this optimizer step (the layers train under fake-quant until then); 0: from the start")
+    scales: bool = Field(True, description="false: freeze the weights only, the learnable scales (quant.learnable) keep training")
 
     _lists = field_validator("patterns", mode="before")(_as_list)
 
@@ -148,7 +159,18 @@ class FreezeSection(_Section):
             raise ValueError("freeze.policy 'custom' needs freeze.patterns (a list of regexes)")
         if self.policy == "none" and self.patterns:
             raise ValueError("freeze.patterns given but freeze.policy is 'none'")
+        if self.policy == "none" and (self.start_step or not self.scales):
+            raise ValueError("freeze.policy: freeze.start_step / freeze.scales need a freeze policy (policy is 'none')")
         return self
+
+
+class TeacherCacheSection(_Section):
+    """The teacher's top-k logits, computed once before training (qat/teacher_cache.py)."""
+
+    top_k: int = Field(64, gt=0, description="teacher logits kept per token (the KD loss renormalises the teacher over them)")
+    dir: str | None = Field(None, description="cache directory (default: <output_dir>/teacher-cache); reused when its fingerprint matches")
+    batch_size: int = Field(8, gt=0, description="blocks per teacher forward during the precompute")
+    shard_blocks: int = Field(256, gt=0, description="blocks per shard file (the unit of resuming)")
 
 
 class DistillSection(_Section):
@@ -156,6 +178,12 @@ class DistillSection(_Section):
     temperature: float = Field(1.0, gt=0)
     kd_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)
+    chunk_tokens: int | None = Field(
+        256, gt=0, description="tokens per chunk of the KD/CE loss (float32 copies of one chunk at a time); null: all tokens at once"
+    )
+    teacher_cache: TeacherCacheSection | None = Field(
+        None, description="precompute the teacher's top-k logits once and train without loading the teacher"
+    )
 
 
 class GenerateSection(_Section):
@@ -358,8 +386,16 @@ class Recipe(_Section):
             raise ValueError("distill.ce_weight: must be > 0 when teacher is null (nothing else to learn from)")
         if self.teacher is not None and self.distill.kd_weight == 0 and self.distill.ce_weight == 0:
             raise ValueError("distill: kd_weight and ce_weight are both 0")
+        if self.teacher is None and self.distill.teacher_cache is not None:
+            raise ValueError("distill.teacher_cache: needs a teacher (teacher is null)")
+        if self.distill.teacher_cache is not None and self.distill.loss == "reverse_kl":
+            raise ValueError("distill.loss: reverse_kl is infinite against a top-k teacher (zero outside its k ids); use forward_kl or jsd with distill.teacher_cache")
         if self.peft is not None and self.quant is None:
             raise ValueError("peft: LoRA-QAT needs a quant section (quant is null)")
+        if not self.freeze.scales and (self.quant is None or not self.quant.learnable):
+            raise ValueError("freeze.scales: false (weights frozen, scales trained) needs quant.learnable: true")
+        if self.peft is not None and (self.freeze.start_step or (self.quant is not None and self.quant.start_step)):
+            raise ValueError("peft: quant.start_step / freeze.start_step are not supported with LoRA-QAT")
         if self.data.source == "teacher-generated" and self.teacher_path is None:
             raise ValueError("data.source: 'teacher-generated' needs a teacher (teacher.path or a pretrained model.path)")
         if self.tokenizer.path is None and self.tokenizer.train_vocab_size is None and self.model.path is None:
@@ -517,6 +553,11 @@ def check_paths(recipe: Recipe) -> None:
                 problems.append(f"{key}: no file matches {f!r}")
     if d.source == "hf" and d.name and _looks_local(d.name) and not Path(d.name).expanduser().exists():
         problems.append(f"data.name: no such local dataset: {d.name}")
+    init_from = recipe.quant.init_from if recipe.quant is not None else None
+    if init_from is not None:
+        run = Path(init_from).expanduser()
+        if not (run / "final" / "qat_quant.json").is_file() and not (run / "qat_quant.json").is_file():
+            problems.append(f"quant.init_from: {init_from} is not a finished qat run directory (no final/qat_quant.json)")
     resume = recipe.checkpoint.resume
     if resume not in (None, "auto"):
         if not Path(resume).is_dir():

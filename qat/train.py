@@ -28,13 +28,18 @@ from torch import nn
 
 from .checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint
 from .data import build_datasets, load_documents, train_tokenizer
-from .distill import ce_loss, kd_loss
+from .distill import distill_loss
 from .eval import perplexity
 from .generate import build_run_datasets
 from .lora import apply_lora, init_calibration, save_lora_final
 from .quant import QuantReport, apply_freeze, quantize_model
+from .quant.apply import reinit_qparams, set_fake_quant
+from .quant import fused
 from .quant.scheme import QuantConfigError
 from .recipe import Recipe, RecipeError
+from .teacher_cache import TeacherCache
+from .teacher_cache import check as check_teacher_cache
+from .teacher_cache import precompute as precompute_teacher_cache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 RUN_FILES = ("recipe.yaml", "metrics.jsonl", "eval.json", "checkpoints", "final", "tokenizer", "wandb")
@@ -141,13 +146,17 @@ def dry_run_quant(recipe: Recipe, config) -> None:
     except (ValueError, TypeError, KeyError) as e:
         raise RecipeError(f"{'model.path' if recipe.model.path else 'model.config'}: cannot build the model: {_first_line(e)}") from None
     try:
-        build_student_quant(model, recipe)
+        report, _ = build_student_quant(model, recipe, at_step=math.inf)  # a delayed freeze policy is checked too
     except QuantConfigError as e:
         key = _quant_error_key(str(e), recipe)
         hint = ""
         if key == "freeze.policy" and recipe.freeze.policy == "ov-freeze":
             hint = " (this model has no such projections: set freeze.patterns to its value/output projections, e.g. OPT: ['\\.v_proj$', '\\.out_proj$'])"
         raise RecipeError(f"{key}: {e}{hint}") from None
+    if recipe.quant is not None and recipe.quant.init_from is not None:
+        from .init_from import check_layers
+
+        check_layers(report.layers, recipe.quant.init_from)
 
 
 def _quant_error_key(msg: str, recipe: Recipe) -> str:
@@ -166,13 +175,48 @@ def _quant_error_key(msg: str, recipe: Recipe) -> str:
     return "quant"
 
 
-def build_student_quant(model: nn.Module, recipe: Recipe) -> tuple[QuantReport | None, list[str]]:
+def build_student_quant(model: nn.Module, recipe: Recipe, init: bool = False, at_step: float = 0) -> tuple[QuantReport | None, list[str]]:
+    """Wrap the Linears (and with ``init``, load ``quant.init_from``: the real student only), then
+    freeze the layers whose freeze is in force at the top of step ``at_step`` (see ``freeze_due``)."""
     report = None
     if recipe.quant is not None:
         q = recipe.quant
+        fused.set_kernel(q.kernel)  # process-wide: the fake-quant implementation
         report = quantize_model(model, q.scheme(), q.targets, q.ignore, q.layer_schemes())
-    frozen = apply_freeze(model, recipe.freeze.policy, recipe.freeze.patterns)
+        if init and q.init_from is not None:
+            from .init_from import load_quantized_start
+
+            print(load_quantized_start(model, q.init_from))
+    frozen = freeze_layers(model, recipe) if freeze_due(recipe, at_step) else []
     return report, frozen
+
+
+def freeze_layers(model: nn.Module, recipe: Recipe) -> list[str]:
+    f = recipe.freeze
+    return apply_freeze(model, f.policy, f.patterns, scales=f.scales)
+
+
+def freeze_due(recipe: Recipe, step: float) -> bool:
+    """Is the freeze policy in force at the top of step ``step``? A delayed freeze
+    (``freeze.start_step`` N > 0) happens at the top of step N, so it is in force from N + 1 on."""
+    n = recipe.freeze.start_step
+    return n == 0 or n < step
+
+
+def schedule_transitions(model: nn.Module, recipe: Recipe, step: int, main: bool) -> None:
+    """The in-loop schedule, at the top of step ``step``: fake-quant switched on at
+    ``quant.start_step`` (qparams re-initialised from the weights trained so far), then the
+    delayed freeze at ``freeze.start_step`` (layers snapped to the grid they trained under)."""
+    q = recipe.quant
+    if q is not None and q.start_step and step == q.start_step:
+        set_fake_quant(model, True)
+        n = reinit_qparams(model)
+        if main:
+            print(f"step {step}: fake-quant on (quant.start_step), qparams of {n} layers re-initialised from the weights")
+    if recipe.freeze.start_step and step == recipe.freeze.start_step:
+        frozen = freeze_layers(model, recipe)
+        if main:
+            print(f"step {step}: {len(frozen)} layers frozen ({recipe.freeze.policy}, freeze.start_step)")
 
 
 def load_student(recipe: Recipe, config) -> nn.Module:
@@ -185,12 +229,12 @@ def load_student(recipe: Recipe, config) -> nn.Module:
     return AutoModelForCausalLM.from_config(config, **kw)
 
 
-def load_models(recipe: Recipe, config):
+def load_models(recipe: Recipe, config, with_teacher: bool = True):
     from transformers import AutoModelForCausalLM
 
     student = load_student(recipe, config)
     teacher = None
-    if recipe.teacher is not None:
+    if recipe.teacher is not None and with_teacher:
         m = recipe.model
         teacher = AutoModelForCausalLM.from_pretrained(
             recipe.teacher_path,
@@ -248,6 +292,12 @@ class BatchPlan:
             self._perm_epoch = epoch
         start = pos * self.micro * self.world + self.rank * self.micro
         return epoch, self._perm[start : start + self.micro]
+
+
+def blocks_used(plan: BatchPlan, micro_batches: int) -> torch.Tensor:
+    """Every block index that any process reads in the first ``micro_batches`` global micro-batches."""
+    whole = BatchPlan(plan.n, plan.micro * plan.world, 1, 0, plan.seed, plan.shuffle)  # rank slices joined
+    return torch.unique(torch.cat([whole.indices(k)[1] for k in range(micro_batches)]))
 
 
 def batch_of(blocks, idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
@@ -365,6 +415,9 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: each would train "
             "alone. On a machine without GPUs set ACCELERATE_USE_CPU=1 (see launch/cpu-2proc.yaml)."
         )
+    for key, n in (("quant.start_step", recipe.quant.start_step if recipe.quant else 0), ("freeze.start_step", recipe.freeze.start_step)):
+        if n and accelerator.num_processes > 1:  # DDP/FSDP fix the set of trained parameters when they wrap the model
+            raise RecipeError(f"{key}: a schedule inside the run is single-process for now ({accelerator.num_processes} processes launched)")
     main = accelerator.is_main_process
     set_seed(recipe.train.seed)
     t_start = time.perf_counter()
@@ -393,12 +446,17 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
                 f"train.micro_batch_size: one global batch (micro_batch_size x processes x train.grad_accum = "
                 f"{t.micro_batch_size * accelerator.num_processes * t.grad_accum} blocks) is more than the data's {len(train_set)} training blocks"
             )
+        if recipe.distill.teacher_cache is not None:
+            check_teacher_cache(recipe, train_set)  # a cache made with other settings is refused here
         if main:
             start_run_dir(recipe, out, tokenizer, clear=overwrite and resume_from is None)
     max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * steps_per_epoch)
+    cache = None  # distill.teacher_cache: the teacher's top-k computed once, then the teacher is not loaded
+    if recipe.distill.teacher_cache is not None:
+        cache = TeacherCache(precompute_teacher_cache(recipe, train_set, blocks_used(plan, max_steps * t.grad_accum), accelerator, main))
 
-    student, teacher = load_models(recipe, config)
-    report, frozen = build_student_quant(student, recipe)
+    student, teacher = load_models(recipe, config, with_teacher=cache is None)
+    report, frozen = build_student_quant(student, recipe, init=resume_from is None)
     student = apply_lora(student, recipe, init_calibration(recipe, train_set))  # peft: LoRA-QAT
     if main:
         print(report.summary() if report else "no quantization (quant: null): plain fine-tuning")
@@ -407,7 +465,9 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     if t.activation_checkpointing:
         student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         student.config.use_cache = False
-    optimizer = build_optimizer(student, recipe)
+    optimizer = build_optimizer(student, recipe)  # before a delayed freeze: the same parameter groups on resume
+    if recipe.quant is not None and recipe.quant.start_step:
+        set_fake_quant(student, False)  # plain fine-tuning until quant.start_step
     student, optimizer = accelerator.prepare(student, optimizer)
     if teacher is not None:
         # sharded like the student under FSDP; elsewhere only placed (DDP refuses a model with
@@ -419,6 +479,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
 
     step, bad_steps = 0, 0
     if resume_from is not None:
+        if recipe.freeze.start_step and freeze_due(recipe, read_state(resume_from)["step"]):
+            freeze_layers(accelerator.unwrap_model(student), recipe)  # the checkpoint holds the frozen layout
         try:  # safetensors for the models; accelerate reads the rest with torch.load(weights_only=True)
             accelerator.load_state(str(resume_from))
         except Exception as e:
@@ -433,15 +495,16 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     metrics = MetricsLog(out / "metrics.jsonl", accelerator, step)
     d = recipe.distill
 
-    def loss_on(batch):
+    def loss_on(batch, idx):
         logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        ce = ce_loss(logits, batch["labels"])
-        if teacher is None:
-            return ce, None, ce
-        with torch.no_grad():
-            t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        kd = kd_loss(logits, t_logits, batch["labels"], d.loss, d.temperature)
-        return d.kd_weight * kd + d.ce_weight * ce, kd, ce
+        t_out = None  # full teacher logits, its cached top-k, or none (CE only)
+        if cache is not None:
+            t_out = cache.lookup(idx, logits.device)
+        elif teacher is not None:
+            with torch.no_grad():
+                t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        kd_w, ce_w = (d.kd_weight, d.ce_weight) if t_out is not None else (0.0, 1.0)
+        return distill_loss(logits, t_out, batch["labels"], d.loss, d.temperature, kd_w, ce_w, d.chunk_tokens)
 
     from tqdm.auto import tqdm
 
@@ -449,7 +512,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     acc = torch.zeros(4, device=accelerator.device)  # loss, kd, ce, micro-batches since last log
     tokens, t_log, grad_norm = 0, time.perf_counter(), float("nan")
     student.train()
+    if recipe.quant is not None and recipe.quant.start_step and step > recipe.quant.start_step:
+        set_fake_quant(student, True)  # resumed past the switch (the checkpoint holds its qparams)
     while step < max_steps:
+        schedule_transitions(accelerator.unwrap_model(student), recipe, step, main)
         t_step = time.perf_counter()
         lr = lr_at(step, recipe, max_steps)
         for group in optimizer.param_groups:
@@ -459,7 +525,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
             epoch, idx = plan.indices(step * t.grad_accum + micro)
             batch = batch_of(train_set, idx, accelerator.device)
             with accelerator.accumulate(student):
-                loss, kd, ce = loss_on(batch)
+                loss, kd, ce = loss_on(batch, idx)
                 accelerator.backward(loss)
                 step_sums += torch.stack([loss.detach(), (kd if kd is not None else loss).detach(), ce.detach(), torch.ones_like(ce)])
                 if accelerator.sync_gradients:
@@ -494,7 +560,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
                 "step": step,
                 "epoch": epoch,
                 "loss": (mean[0] / mean[3]).item(),
-                "kd_loss": (mean[1] / mean[3]).item() if teacher is not None else None,
+                "kd_loss": (mean[1] / mean[3]).item() if teacher is not None or cache is not None else None,
                 "ce_loss": (mean[2] / mean[3]).item(),
                 "lr": lr,
                 "grad_norm": grad_norm,
@@ -520,7 +586,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     state = accelerator.get_state_dict(student)
     if main:
         final = load_student(recipe, config)
-        build_student_quant(final, recipe)
+        build_student_quant(final, recipe, at_step=step)  # a delayed freeze in force at the end included
         final = apply_lora(final, recipe, init=False)
         final.load_state_dict(state)
         save_lora_final(final, tokenizer, out / "final", save_dtype)  # peft: merged and re-quantized, or adapter/

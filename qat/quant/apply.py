@@ -134,3 +134,37 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> dict
             "_qweight": qw,
         }
     return layers
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    """Switch fake-quant of every ``QATLinear`` on or off (off: the plain Linear forward, as before
+    ``quant.start_step``); fixed and frozen layers keep their grid either way."""
+    for layer in qat_linears(model).values():
+        layer.quant_enabled = enabled
+
+
+@torch.no_grad()
+def reinit_qparams(model: nn.Module) -> int:
+    """Re-initialise the qparams of every non-fixed ``QATLinear`` from its current weight, as at
+    wrap time (``scheme.scale_init``: min-max, or the MSE clip search), writing into the existing
+    tensors so an optimizer holding learnable scales keeps them. Returns the number of layers."""
+    from .grid import minmax_qparams, mse_clip_ratio
+
+    n = 0
+    for layer in qat_linears(model).values():
+        if layer.fixed:
+            continue
+        s = layer.scheme
+        w = layer.weight.detach().float()
+        if s.scale_init == "mse":
+            ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric)
+        else:
+            ratio = torch.ones((layer.out_features, layer.in_features // (s.group_size or layer.in_features)), device=w.device)
+        if s.learnable:
+            scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio)
+            layer.weight_scale.copy_(scale)
+            layer.weight_zero_point.copy_(zero)
+        else:
+            layer.clip_ratio.copy_(ratio)
+        n += 1
+    return n

@@ -20,11 +20,15 @@ POLICIES = ("none", "ov-freeze", "custom")
 OV_PATTERNS: tuple[str, ...] = (r"\.v_proj$", r"\.o_proj$")
 
 
-def apply_freeze(model: nn.Module, policy: str = "none", patterns: list[str] | tuple[str, ...] | None = None) -> list[str]:
+def apply_freeze(
+    model: nn.Module, policy: str = "none", patterns: list[str] | tuple[str, ...] | None = None, scales: bool = True
+) -> list[str]:
     """Freeze the matching Linear layers in place and return their names.
 
     A ``QATLinear`` is snapped to its grid (``QATLinear.freeze``); a plain Linear (no
     quantization) just stops receiving gradients. Every pattern must match at least one Linear.
+    ``scales=False``: only the weight (and bias) of a ``QATLinear`` stop training, its latent
+    weight kept as is; learnable qparams keep training (LSQ), so its quantized value still moves.
     """
     if policy not in POLICIES:
         raise QuantConfigError(f"freeze policy must be one of {POLICIES}, got {policy!r}")
@@ -49,11 +53,12 @@ def apply_freeze(model: nn.Module, policy: str = "none", patterns: list[str] | t
     frozen = []
     for name, layer in linears:
         if any(r.search(name) for r in regs):
-            if isinstance(layer, QATLinear):
+            if isinstance(layer, QATLinear) and scales:
                 layer.freeze()
             else:
-                for p in layer.parameters():
-                    p.requires_grad_(False)
-                    p.grad = None  # a stale (even zero) grad would still let AdamW move it
+                for p in (layer.weight, layer.bias) if isinstance(layer, QATLinear) else layer.parameters():
+                    if p is not None:
+                        p.requires_grad_(False)
+                        p.grad = None  # a stale (even zero) grad would still let AdamW move it
             frozen.append(name)
     return frozen

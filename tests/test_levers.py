@@ -1,0 +1,184 @@
+"""QAT levers of the quality study: when fake-quant starts (``quant.start_step``), a delayed freeze
+(``freeze.start_step``), freezing weights but not learnable scales (``freeze.scales: false``), and
+starting from a PTQ result (``quant.init_from``). Each test shows the lever does what the recipe
+reference says; resume across a schedule boundary is bit-identical."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from qat.cli import main
+from qat.quant import apply_freeze, qat_linears, quantize_model
+from qat.quant.apply import reinit_qparams, set_fake_quant
+from qat.quant.scheme import QuantScheme
+from tests.conftest import make_tiny_llama
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
+FAST = ["data.max_train_tokens=8192", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "eval.batch_size=8", "train.log_every=1"]
+HAVE_FIXTURES = (REPO.parent / "shared" / "models" / "llama-tiny" / "config.json").is_file()
+needs_fixtures = pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
+
+
+@pytest.fixture(autouse=True)
+def _at_repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
+def run(out: Path, *overrides: str) -> Path:
+    assert main(["train", TINY, f"output_dir={out}", *FAST, *overrides]) == 0
+    return out
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "final" / "model.safetensors"))
+
+
+# -- in memory ---------------------------------------------------------------------------------
+def test_fake_quant_off_is_the_plain_model_and_reinit_matches_a_fresh_wrap():
+    ref = make_tiny_llama()
+    model = make_tiny_llama()
+    quantize_model(model, QuantScheme(bits=3, group_size=32, scale_init="mse", learnable=True))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    set_fake_quant(model, False)
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+    set_fake_quant(model, True)
+    assert (model(ids).logits - ref(ids).logits).abs().max() > 1e-3
+    # weights move (plain fine-tuning phase), then the switch re-initialises the qparams in place
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    layer = next(iter(qat_linears(model).values()))
+    scale_param = layer.weight_scale
+    fresh = make_tiny_llama()
+    fresh.load_state_dict({k: v for k, v in model.state_dict().items() if "weight_scale" not in k and "zero_point" not in k}, strict=False)
+    quantize_model(fresh, QuantScheme(bits=3, group_size=32, scale_init="mse", learnable=True))
+    assert reinit_qparams(model) == len(qat_linears(model))
+    assert layer.weight_scale is scale_param  # the optimizer's tensor, updated in place
+    for name, m in qat_linears(model).items():
+        assert torch.equal(m.weight_scale, qat_linears(fresh)[name].weight_scale)
+
+
+def test_freeze_weights_only_keeps_training_learnable_scales():
+    model = make_tiny_llama()
+    quantize_model(model, QuantScheme(bits=4, group_size=32, learnable=True))
+    frozen = apply_freeze(model, "ov-freeze", scales=False)
+    layers = qat_linears(model)
+    v = layers[frozen[0]]
+    assert not v.weight.requires_grad and v.weight_scale.requires_grad and not v.frozen
+    w0, s0 = v.weight.detach().clone(), v.weight_scale.detach().clone()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+    for _ in range(3):
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(v.weight, w0)  # the latent weight stays
+    assert not torch.equal(v.weight_scale, s0)  # its scales train
+    # scales=True (the default) fixes both
+    model2 = make_tiny_llama()
+    quantize_model(model2, QuantScheme(bits=4, group_size=32, learnable=True))
+    name = apply_freeze(model2, "ov-freeze")[0]
+    assert qat_linears(model2)[name].frozen and not any(p.requires_grad for p in qat_linears(model2)[name].parameters())
+
+
+# -- recipe checks -------------------------------------------------------------------------------
+@needs_fixtures
+@pytest.mark.parametrize(
+    "overrides, key, expect",
+    [
+        (["freeze.scales=false"], "freeze.scales", "needs quant.learnable: true"),
+        (["freeze.policy=none", "freeze.start_step=3"], "freeze.policy", "need a freeze policy"),
+        (["quant.init_from=/nonexistent/run"], "quant.init_from", "not a finished qat run directory"),
+        (["peft={r: 4}", "quant.start_step=2"], "peft", "not supported with LoRA-QAT"),
+    ],
+)
+def test_lever_recipe_errors(overrides, key, expect, tmp_path, capsys):
+    assert main(["train", TINY, f"output_dir={tmp_path}/x", *overrides]) == 2
+    err = capsys.readouterr().err
+    assert f"{key}:" in err and expect in err
+    assert not (tmp_path / "x").exists()
+
+
+# -- end to end --------------------------------------------------------------------------------
+@needs_fixtures
+def test_quant_start_step_is_plain_kd_until_then(tmp_path):
+    """Steps 1-3 of a run with quant.start_step=3 are those of plain KD fine-tuning (quant: null),
+    bit for bit; step 4 is not (fake-quant is on)."""
+    common = ["freeze.policy=none", "train.schedule=constant", "train.max_steps=4"]
+    delayed = run(tmp_path / "delayed", *common, "quant.start_step=3")
+    plain = run(tmp_path / "plain", *common, "quant=null")
+    a, b = losses(delayed), losses(plain)
+    assert a[:3] == b[:3] and a[3] != b[3]
+    meta = json.loads((delayed / "final" / "qat_quant.json").read_text())["layers"]
+    assert len(meta) == 28  # final/ is still the quantized model
+
+
+@needs_fixtures
+def test_delayed_freeze_fixes_layers_at_their_step_n_values(tmp_path):
+    """ov-freeze at step 3: v/o in final/ equal the on-grid v/o of a run stopped at step 3 (same
+    trajectory until then), while q/k go on training."""
+    common = ["train.schedule=constant", "freeze.start_step=3"]
+    stop = weights(run(tmp_path / "stop", *common, "train.max_steps=3"))
+    go = weights(run(tmp_path / "go", *common, "train.max_steps=6"))
+    meta = json.loads((tmp_path / "go" / "final" / "qat_quant.json").read_text())["layers"]
+    ov = [n for n, d in meta.items() if d["frozen"]]
+    assert len(ov) == 8 and all(n.endswith(("v_proj", "o_proj")) for n in ov)
+    assert all(torch.equal(stop[f"{n}.weight"], go[f"{n}.weight"]) for n in ov)
+    assert not torch.equal(stop["model.layers.0.self_attn.q_proj.weight"], go["model.layers.0.self_attn.q_proj.weight"])
+
+
+@needs_fixtures
+def test_resume_across_schedule_boundaries_is_bit_identical(tmp_path):
+    """LSQ scales, fake-quant from step 3, ov-freeze (weights and scales) from step 5; resumed from
+    step 2 (before both switches), 4 (between) and 6 (after both), each ends bit-identical."""
+    args = ("quant.learnable=true", "quant.start_step=3", "freeze.start_step=5", "train.max_steps=8",
+            "checkpoint.every=2", "checkpoint.keep=4")
+    full = run(tmp_path / "full", *args)
+    ref_w, ref_loss = weights(full), losses(full)
+    for k in (2, 4, 6):
+        cut = tmp_path / f"cut{k}"
+        shutil.copytree(full, cut)
+        shutil.rmtree(cut / "final")
+        (cut / "eval.json").unlink()
+        for later in range(k + 2, 9, 2):
+            shutil.rmtree(cut / "checkpoints" / f"step-{later}")
+        run(cut, *args, "checkpoint.resume=auto")
+        w = weights(cut)
+        assert w.keys() == ref_w.keys() and all(torch.equal(w[n], ref_w[n]) for n in w), f"resumed at step {k}"
+        assert losses(cut) == ref_loss, f"resumed at step {k}"
+
+
+@needs_fixtures
+def test_init_from_gptq_starts_at_the_gptq_model(tmp_path):
+    """train.max_steps=0 from a GPTQ run is that GPTQ model: its on-grid weights and scales, with
+    dynamic (ov-frozen layers included) and with learnable qparams."""
+    ptq = tmp_path / "gptq"
+    assert main(["ptq", TINY, "--method", "gptq", f"output_dir={ptq}", *FAST[:3], "train.max_steps=4", "data.valid_files=null"]) == 0
+    ref = weights(ptq)
+    ref_qp = load_file(str(ptq / "final" / "qat_qparams.safetensors"))
+    rtn = weights(run(tmp_path / "rtn", "train.max_steps=0"))
+    for extra in ([], ["quant.learnable=true", "freeze.policy=none"]):
+        out = run(tmp_path / f"init{len(extra)}", "train.max_steps=0", f"quant.init_from={ptq}", *extra)
+        got, qp = weights(out), load_file(str(out / "final" / "qat_qparams.safetensors"))
+        layers = json.loads((out / "final" / "qat_quant.json").read_text())["layers"]
+        for n in layers:  # learnable: the same scale tensor; dynamic: min-max x clip ratio gives it within an ulp
+            if extra:
+                assert torch.equal(got[f"{n}.weight"], ref[f"{n}.weight"]), n
+            else:  # same codes: one code step would be ~1e-2
+                torch.testing.assert_close(got[f"{n}.weight"], ref[f"{n}.weight"], rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(qp[f"{n}.weight_scale"], ref_qp[f"{n}.weight_scale"], rtol=1e-6, atol=0)
+        assert any(not torch.equal(got[f"{n}.weight"], rtn[f"{n}.weight"]) for n in layers)
+    # a run at another bit width is refused, naming the key
+    assert main(["train", TINY, f"output_dir={tmp_path}/w3", *FAST, "train.max_steps=0", "quant.bits=3", f"quant.init_from={ptq}"]) == 2
+    assert not (tmp_path / "w3").exists()
