@@ -42,6 +42,15 @@ def gen_params(recipe) -> dict:
     }
 
 
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Write a safetensors shard atomically: a kill leaves the whole file or none (a ``.tmp``)."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+
+
 def cache_dir(recipe) -> Path:
     params = gen_params(recipe)
     key = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
@@ -80,7 +89,6 @@ def sample_batch(teacher, n: int, length: int, vocab: int, temperature: float, t
 
 def generate_cached(recipe, tokenizer, device=None, progress: bool = True) -> Path:
     """Fill the cache directory (resuming at the first missing shard); returns it."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     params = gen_params(recipe)
@@ -109,9 +117,7 @@ def generate_cached(recipe, tokenizer, device=None, progress: bool = True) -> Pa
         for i in todo:
             n = min(params["batch_size"], params["count"] - i * params["batch_size"])
             ids = sample_batch(teacher, n, params["length"], vocab, params["temperature"], params["top_k"], params["seed"], i, exclude, device)
-            tmp = d / (SHARD.format(i) + ".tmp")
-            save_file({"input_ids": ids.to(torch.int32).contiguous()}, str(tmp))
-            os.replace(tmp, d / SHARD.format(i))  # a kill leaves no torn shard
+            save_shard({"input_ids": ids.to(torch.int32).contiguous()}, d / SHARD.format(i))
             bar.update(n)
         bar.close()
         del teacher

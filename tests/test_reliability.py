@@ -70,16 +70,16 @@ class GradBomb(torch.autograd.Function):
 
 def poison_kd_loss(monkeypatch, bad_calls, kind="nan"):
     """Make qat's KD loss non-finite (or its gradient infinite) on the given calls (1-based)."""
-    real, calls = qat.train.kd_loss, [0]
+    real, calls = qat.train.distill_loss, [0]
 
-    def kd_loss(*a, **k):
+    def distill_loss(*a, **k):
         calls[0] += 1
-        loss = real(*a, **k)
+        loss, kd, ce = real(*a, **k)
         if calls[0] in bad_calls:
-            return loss * float("nan") if kind == "nan" else GradBomb.apply(loss)
-        return loss
+            return (loss * float("nan") if kind == "nan" else GradBomb.apply(loss)), kd, ce
+        return loss, kd, ce
 
-    monkeypatch.setattr(qat.train, "kd_loss", kd_loss)
+    monkeypatch.setattr(qat.train, "distill_loss", distill_loss)
 
 
 def optimizer_steps(ckpt: Path) -> set[int]:
