@@ -264,7 +264,9 @@ def report_md(report: dict) -> str:
     return "\n".join(out)
 
 
-def report_png(report: dict, path: Path) -> None:
+def report_png(report: dict, path: Path, value: str = "ppl") -> None:
+    """Left: ``value`` (``ppl`` or ``ppl_ratio``) by method and bit width; right: mean layer error
+    against KL to the teacher, every method (colour) and bit width (marker) on one axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -276,6 +278,8 @@ def report_png(report: dict, path: Path) -> None:
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(methods))
     cycle = plt.rcParams["axes.prop_cycle"].by_key().get("color", ["C0"])
+    if len(methods) > len(cycle):  # many methods (quality study): a 20-colour map
+        cycle = [plt.get_cmap("tab20")(i % 20) for i in range(len(methods))]
     colors = {m: cycle[j % len(cycle)] for j, m in enumerate(methods)}
     markers = {lab: "osD^v<>p*"[i % 9] for i, lab in enumerate(labels)}
     for j, m in enumerate(methods):
@@ -284,22 +288,23 @@ def report_png(report: dict, path: Path) -> None:
             r = next((r for r in rows if r["recipe"] == lab and r["method"] == m), None)
             if r is not None:
                 xs.append(i + (j - (len(methods) - 1) / 2) * width)
-                ys.append(r["ppl"])
+                ys.append(r[value])
         ax.bar(xs, ys, width, label=m, color=colors[m])
     for i, lab in enumerate(labels):
         fp = next((r for r in rows if r["recipe"] == lab and r["method"].startswith("fp")), None)
         if fp is not None:
-            ax.hlines(fp["ppl"], i - 0.45, i + 0.45, colors="k", linestyles="--", label="FP (teacher)" if i == 0 else None)
+            ax.hlines(fp[value], i - 0.45, i + 0.45, colors="k", linestyles="--", label="FP (teacher)" if i == 0 else None)
     ax.set_xticks(range(len(labels)), labels)
-    ppls = [r["ppl"] for r in rows if r["ppl"] == r["ppl"]]
+    ppls = [r[value] for r in rows if r[value] == r[value]]
+    name = "perplexity / FP" if value == "ppl_ratio" else "validation perplexity"
     if ppls and max(ppls) / min(ppls) > 3:
         ax.set_yscale("log")
-        ax.set_ylabel("validation perplexity (log scale)")
+        ax.set_ylabel(f"{name} (log scale)")
     else:
         ax.set_ylim(0.97 * min(ppls), 1.02 * max(ppls))
-        ax.set_ylabel("validation perplexity")
-    ax.set_title("perplexity by method and bit width")
-    ax.legend(fontsize=8)
+        ax.set_ylabel(name)
+    ax.set_title(f"{name} by method and bit width")
+    ax.legend(fontsize=6 if len(methods) > 8 else 8, ncol=2 if len(methods) > 8 else 1)
     for r in rows:
         if r["method"].startswith("fp") or r["kl_to_teacher"] is None:
             continue

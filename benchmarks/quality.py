@@ -1,0 +1,243 @@
+"""Quality study: every method on one data budget, at W4g128, W3g128 and W2g64, one table + plots.
+
+For each bit width (``recipes/<scale>/quality/w*.yaml``, the "QAT + KD" recipe) this runs, through
+``qat compare``'s own machinery (``qat.compare.compare_recipe``: run or reuse, same validation
+blocks, same held-out tokens for the layer errors):
+
+- the FP teacher, and the PTQ baselines RTN, GPTQ, AWQ, QERA-exact on GPTQ (``ptq.qera.base:
+  gptq``), calibrated on the QAT run's training tokens (the same data budget);
+- the QAT rows (``MAIN``): CE only, KD, KD + ov-freeze, and qat's best recipe (``BEST``);
+- with ``--levers``, one lever at a time on top of the KD recipe (``levers``), at the bit widths
+  given by ``--lever-bits``.
+
+Writes ``<out>/report.{json,md,png}``: the table (ppl, ppl/FP, KL to the teacher, mean layer
+output error per method and bit width), the levers as deltas against QAT + KD, the local-vs-global
+section, and the plot (ppl/FP bars per method and bit width; mean layer output error against KL to
+the teacher for every method and bit width on one axis). ``--append`` adds the tables to
+``benchmarks/RESULTS.md``.
+
+    python benchmarks/quality.py --scale tiny --levers --lever-bits W2g64      # CPU (~45 min, 1 core)
+    python benchmarks/quality.py --scale small --bits W3g128                   # GPU (benchmarks/gpu_quality.sh)
+    python benchmarks/quality.py --merge a/report.json b/report.json --out DIR # one report from parts
+    python benchmarks/quality.py --scale tiny --smoke                          # every step, seconds each
+
+Runs are reused when complete and made from the same recipe (``--rerun`` redoes them), so an
+interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
+BITS = ("W4g128", "W3g128", "W2g64")
+PTQ = ["rtn", "gptq", "awq", "qera-exact"]
+BUDGET_CAP = 4_100_000  # the issue's data budget: at most 4.1 M training tokens for every method
+
+# QAT rows of the main table: overrides of the KD recipe. ctx: {"gptq": GPTQ run dir, "steps": max_steps}
+MAIN = {
+    "qat-ce": lambda ctx: ["distill.kd_weight=0", "distill.ce_weight=1"],  # the teacher only evaluates
+    "qat-kd": lambda ctx: [],
+    "qat-kd-ovfreeze": lambda ctx: ["freeze.policy=ov-freeze"],
+    # qat's best recipe, fixed before the sweep ran (MSE-searched clipping as the start, LSQ scales
+    # trained from there); the lever rows show what each part is worth on its own
+    "qat-best": lambda ctx: ["quant.scale_init=mse", "quant.learnable=true"],
+}
+
+
+def levers(ctx: dict) -> dict[str, list[str]]:
+    """One lever at a time on top of QAT + KD."""
+    n = max(4, ctx["steps"])
+    return {
+        "lsq (quant.learnable)": ["quant.learnable=true"],
+        "mse scale init": ["quant.scale_init=mse"],
+        "init from gptq": [f"quant.init_from={ctx['gptq']}"],
+        "kd temperature 2": ["distill.temperature=2"],
+        "kd loss jsd": ["distill.loss=jsd"],
+        "lr x3 (9e-4)": ["train.lr=9e-4"],
+        "constant lr": ["train.schedule=constant"],
+        f"fake-quant from step {n // 4}": [f"quant.start_step={n // 4}"],
+        f"ov-freeze from step {n // 2}": ["freeze.policy=ov-freeze", f"freeze.start_step={n // 2}"],
+        "ov-freeze weights only (+lsq)": ["freeze.policy=ov-freeze", "quant.learnable=true", "freeze.scales=false"],
+    }
+
+
+SMOKE = [  # every step of the study in seconds (CPU): tiny budgets, not a measurement
+    "train.max_steps=2", "train.warmup_steps=1", "train.micro_batch_size=2", "data.seq_len=128",
+    "data.max_train_tokens=2048", "data.max_valid_tokens=1024", "eval.batch_size=4", "ptq.diag_tokens=512",
+    "ptq.awq.search_tokens=512", "ptq.batch_size=4", "train.mixed_precision=no",
+]
+
+
+def recipe_file(scale: str, label: str) -> str:
+    return f"recipes/{scale}/quality/{label.lower()}.yaml"
+
+
+def budget(recipe) -> int:
+    t = recipe.train
+    return t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+
+
+def run_bits(scale: str, label: str, overrides: list[str], root: Path, with_levers: bool, rerun: bool, only: list[str] | None) -> dict:
+    """Every row at one bit width: ``compare_recipe`` parts merged, QAT rows named by variant."""
+    from qat.compare import compare_recipe
+    from qat.recipe import load_recipe
+
+    f = recipe_file(scale, label)
+    base = load_recipe(f, overrides + [f"output_dir={root}/{label}/base"])
+    tokens = budget(base)
+    if scale == "small" and tokens > BUDGET_CAP:
+        raise SystemExit(f"{f}: {tokens} training tokens, over the study's budget of {BUDGET_CAP}")
+    print(f"== {label}: {tokens:,} training tokens per QAT run = PTQ calibration budget", flush=True)
+    merged = compare_recipe(base, rerun=rerun, with_qat=False)  # FP + PTQ
+    for r in merged["rows"]:
+        r["method"] = r["method"] if r["method"].startswith("fp") else r["method"] + (" (gptq base)" if r["method"].startswith("qera") else "")
+    merged["layer_errors"] = {(m + " (gptq base)" if m.startswith("qera") else m): e for m, e in merged["layer_errors"].items()}
+    ctx = {"gptq": f"{root}/{label}/base-ptq-gptq", "steps": base.train.max_steps}
+    variants = {k: v(ctx) for k, v in MAIN.items()}
+    if with_levers:
+        variants.update({f"lever: {k}": v for k, v in levers(ctx).items()})
+    if only:
+        variants = {k: v for k, v in variants.items() if any(o in k for o in only)}
+    for name, extra in variants.items():
+        slug = name.replace("lever: ", "lever-").replace(" ", "-").replace("(", "").replace(")", "").replace(".", "").replace("+", "")
+        r = load_recipe(f, overrides + [f"output_dir={root}/{label}/{slug}", "ptq.methods=[]", *extra])
+        print(f"-- {label} {name}: {' '.join(extra) or '(the recipe as is)'}", flush=True)
+        part = compare_recipe(r, rerun=rerun, with_qat=True)
+        for row in part["rows"]:
+            if row["method"] == "qat":
+                row["method"], row["overrides"] = name, extra
+                merged["rows"].append(row)
+        merged["layer_errors"][name] = part["layer_errors"]["qat"]
+    return merged
+
+
+# -- report -------------------------------------------------------------------------------------
+def _f(v, spec):
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def pivot_md(rows: list[dict]) -> str:
+    """method x bit width: ppl/FP, KL, mean layer error."""
+    labels = list(dict.fromkeys(r["recipe"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows if not r["method"].startswith("lever")))
+    head = "| method | " + " | ".join(f"{lab} ppl | {lab} ppl/FP | {lab} KL | {lab} layer err" for lab in labels) + " |"
+    out = [head, "|---" * (1 + 4 * len(labels)) + "|"]
+    for m in methods:
+        cells = []
+        for lab in labels:
+            r = next((r for r in rows if r["recipe"] == lab and r["method"] == m), None)
+            cells += ["–"] * 4 if r is None else [_f(r["ppl"], ".3f"), _f(r["ppl_ratio"], ".4f"), _f(r["kl_to_teacher"], ".4f"), _f(r["mean_layer_error"], ".4f")]
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def levers_md(rows: list[dict]) -> str:
+    """Each lever against QAT + KD at the same bit width: ppl/FP and KL, and the change."""
+    out = ["| bits | lever (on top of QAT + KD) | overrides | ppl/FP | Δ ppl/FP vs KD | KL | Δ KL vs KD |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if not r["method"].startswith("lever"):
+            continue
+        kd = next((k for k in rows if k["recipe"] == r["recipe"] and k["method"] == "qat-kd"), None)
+        d_ppl = None if kd is None else r["ppl_ratio"] - kd["ppl_ratio"]
+        d_kl = None if kd is None or r["kl_to_teacher"] is None else r["kl_to_teacher"] - kd["kl_to_teacher"]
+        out.append(
+            f"| {r['recipe']} | {r['method'][len('lever: '):]} | `{' '.join(r.get('overrides') or [])}` | {_f(r['ppl_ratio'], '.4f')} "
+            f"| {_f(d_ppl, '+.4f')} | {_f(r['kl_to_teacher'], '.4f')} | {_f(d_kl, '+.4f')} |"
+        )
+    return "\n".join(out) if len(out) > 2 else ""
+
+
+def write_report(report: dict, out: Path) -> None:
+    from qat.compare import report_md, report_png
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    md = [
+        "# Quality study",
+        "",
+        f"{report['date']} · {report['device']} · {report['command']}",
+        "",
+        "## ppl/FP, KL to the teacher, mean layer output error (method x bit width)",
+        "",
+        pivot_md(report["rows"]),
+        "",
+    ]
+    lev = levers_md(report["rows"])
+    if lev:
+        md += ["## Levers, one at a time on top of QAT + KD", "", lev, ""]
+    md += [report_md(report).split("\n", 1)[1]]  # qat compare's long table, local vs global, per-layer errors
+    (out / "report.md").write_text("\n".join(md))
+    try:
+        report_png(report, out / "report.png", value="ppl_ratio")
+    except ImportError:
+        print("matplotlib is not installed (pip install 'qat[plot]'): no report.png")
+
+
+def device_name() -> str:
+    from ptq_compare import device_name as name
+
+    return name()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", choices=["tiny", "small"], default="tiny")
+    ap.add_argument("--bits", nargs="+", default=list(BITS), choices=BITS)
+    ap.add_argument("--levers", action="store_true", help="also the lever sweep (one lever at a time on top of KD)")
+    ap.add_argument("--lever-bits", nargs="+", default=None, choices=BITS, help="bit widths of the sweep (default: --bits)")
+    ap.add_argument("--only", nargs="+", default=None, help="QAT variants whose name contains one of these (PTQ always runs)")
+    ap.add_argument("--smoke", action="store_true", help="tiny budgets: checks every step runs, measures nothing")
+    ap.add_argument("--runs-root", default=None, help="default runs/quality-<scale>[-smoke]")
+    ap.add_argument("--out", default=None, help="report directory (default <runs-root>/report)")
+    ap.add_argument("--rerun", action="store_true")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="REPORT_JSON", help="only merge these reports into --out")
+    ap.add_argument("--append", action="store_true", help="append the tables to benchmarks/RESULTS.md")
+    ap.add_argument("extra", nargs="*", help="more dotted.key=value overrides for every run")
+    args = ap.parse_args()
+    import os
+
+    os.chdir(REPO)
+    command = "python benchmarks/quality.py " + " ".join(sys.argv[1:])
+    if args.merge:
+        parts = [json.loads(Path(p).read_text()) for p in args.merge]
+        report = {**parts[0], "command": command + "  [merged: " + "; ".join(p["command"] for p in parts) + "]",
+                  "rows": [r for p in parts for r in p["rows"]], "recipes": [x for p in parts for x in p["recipes"]]}
+        out = Path(args.out or "runs/quality-merged")
+    else:
+        root = Path(args.runs_root or f"runs/quality-{args.scale}{'-smoke' if args.smoke else ''}")
+        overrides = (SMOKE if args.smoke else []) + list(args.extra)
+        t0 = time.perf_counter()
+        parts = []
+        for label in args.bits:
+            sweep = args.levers and (args.lever_bits is None or label in args.lever_bits)
+            parts.append(run_bits(args.scale, label, overrides, root, sweep, args.rerun, args.only))
+        report = {
+            "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+            "device": device_name(),
+            "command": command,
+            "recipe_files": [recipe_file(args.scale, b) for b in args.bits],
+            "rows": [r for p in parts for r in p["rows"]],
+            "recipes": parts,
+            "wall_time_s": time.perf_counter() - t0,
+        }
+        out = Path(args.out or root / "report")
+    write_report(report, out)
+    text = (out / "report.md").read_text().split("## Local vs global", 1)[0]
+    print(text)
+    print(f"report: {out}/report.{{json,md,png}}")
+    if args.append:
+        with open(REPO / "benchmarks" / "RESULTS.md", "a") as fh:
+            fh.write("\n" + text.replace("# Quality study", f"## Quality study ({report['date'][:10]}, benchmarks/quality.py)", 1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
