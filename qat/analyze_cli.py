@@ -51,7 +51,7 @@ def run_sensitivity(args) -> int:
         raise RecipeError(f"--freeze-top: must be at least 1 (got {args.freeze_top})")
     out = _out_dir(args, recipe, "sensitivity")
     setup = load_setup(recipe, args.batches * args.batch_size, args.valid_tokens, args.device)
-    result = analyze(setup, args.batch_size, per_depth=not args.no_per_depth)
+    result = analyze(setup, args.batch_size, per_depth=not args.no_per_depth, rank_by=args.rank_by)
     q = recipe.quant
     scheme = f"W{q.bits} {'per-channel' if q.group_size is None else f'g{q.group_size}'} {'sym' if q.symmetric else 'asym'}"
     title = f"sensitivity of {recipe.model.path} at {scheme}"
@@ -184,6 +184,8 @@ def bits_table(layers: list[dict]) -> str:
 
 
 def add_parser(sub) -> None:
+    from .analyze.sensitivity import RANK_KEYS
+
     p = sub.add_parser("analyze", help="layer sensitivity ('Oh! We Freeze') and CVXQ bit allocation for a recipe's model")
     asub = p.add_subparsers(dest="analysis", required=True)
 
@@ -199,6 +201,7 @@ def add_parser(sub) -> None:
     common(s)
     s.add_argument("--valid-tokens", type=int, default=16384, help="held-out validation tokens for errors and NLL (default 16384)")
     s.add_argument("--no-per-depth", action="store_true", help="skip the one-layer-at-a-time NLL (one evaluation per layer)")
+    s.add_argument("--rank-by", default="grad_ratio_all", choices=list(RANK_KEYS), help="what ranks the types (default grad_ratio_all)")
     s.add_argument("--freeze-top", type=int, default=2, help="how many of the most fragile types the suggested freeze policy lists")
     s.set_defaults(func=run_sensitivity)
 

@@ -14,7 +14,9 @@ For the recipe's scheme and a few calibration batches (the first blocks the QAT 
 - global loss: the change in mean validation NLL (nats/token) when only that type is quantized
   (and, unless switched off, when only that one layer at that depth is).
 
-Types are ranked by that NLL change (the most fragile first); the top ones make the suggested
+Types are ranked by one of these type means (``RANK_KEYS``; default ``grad_ratio_all``, the
+gradient-norm amplification under fake-quant that the paper's signal-propagation argument is
+about), the most fragile first; the top ones make the suggested
 ``freeze: {policy: custom, patterns: [...]}``.
 """
 
@@ -27,6 +29,24 @@ import torch
 
 from ..quant import QATLinear
 from .setup import layer_depth, layer_type, mean_nll, quantized, squared_grads
+
+
+RANK_KEYS = {  # --rank-by -> the per-type field ranked (descending)
+    "grad_ratio_all": "grad_ratio_all_mean",
+    "grad_ratio_only": "grad_ratio_only_mean",
+    "grad_error_only": "grad_error_only_mean",
+    "delta_nll": "delta_nll",
+    "delta_nll_per_mparam": "delta_nll_per_mparam",
+    "output_error": "output_error_mean",
+}
+RANK_WHAT = {
+    "grad_ratio_all": "||grad W|| with every layer fake-quantized / FP, mean over depth",
+    "grad_ratio_only": "||grad W|| with only this type fake-quantized / FP, mean over depth",
+    "grad_error_only": "relative gradient error with only this type fake-quantized, mean over depth",
+    "delta_nll": "validation NLL increase when only this type is quantized",
+    "delta_nll_per_mparam": "validation NLL increase when only this type is quantized, per million parameters",
+    "output_error": "relative layer output error, mean over depth",
+}
 
 
 def grouped_by_type(names: list[str]) -> dict[str, list[str]]:
@@ -83,7 +103,7 @@ def loss_effects(model, plan, groups: dict[str, list[str]], valid, batch_size: i
     return base, out
 
 
-def analyze(setup, batch_size: int, per_depth: bool = True, progress=print) -> dict:
+def analyze(setup, batch_size: int, per_depth: bool = True, rank_by: str = "grad_ratio_all", progress=print) -> dict:
     """Every measurement of the module doc on ``setup`` (``qat.analyze.setup.load_setup``)."""
     from ..diagnostic import layer_output_errors
 
@@ -132,7 +152,8 @@ def analyze(setup, batch_size: int, per_depth: bool = True, progress=print) -> d
             "grad_ratio_all_mean": sum(r["grad_ratio_all"] for r in rows) / len(rows),
             "grad_error_only_mean": sum(r["grad_error_only"] for r in rows) / len(rows),
         }
-    ranking = sorted(types, key=lambda t: -types[t]["delta_nll"])
+    field = RANK_KEYS[rank_by]
+    ranking = sorted(types, key=lambda t: -types[t][field])
     return {
         "fp_nll": fp_nll,
         "all_quantized_delta_nll": all_nll["all"],
@@ -144,6 +165,7 @@ def analyze(setup, batch_size: int, per_depth: bool = True, progress=print) -> d
         "types": types,
         "layers": layers,
         "ranking": ranking,
+        "rank_by": rank_by,
     }
 
 
@@ -156,10 +178,11 @@ def freeze_snippet(result: dict, top: int) -> str:
     """A ``freeze:`` section (YAML) freezing the ``top`` most fragile types, with the ranking as comments."""
     import yaml
 
-    types = result["types"]
-    lines = ["# layer types by fragility (validation NLL increase when only that type is quantized):"]
+    types, key = result["types"], result["rank_by"]
+    lines = [f"# layer types by fragility, most fragile first: {RANK_WHAT[key]}"]
     for i, t in enumerate(result["ranking"], 1):
-        lines.append(f"#   {i}. {t}: +{types[t]['delta_nll']:.4f} nats/token ({types[t]['delta_nll_per_mparam']:.4f} per M params)")
+        s = types[t]
+        lines.append(f"#   {i}. {t}: {s[RANK_KEYS[key]]:.4g} (validation NLL +{s['delta_nll']:.4f} when only {t} is quantized)")
     section = {"freeze": {"policy": "custom", "patterns": freeze_patterns(result["ranking"], top)}}
     return "\n".join(lines) + "\n" + yaml.safe_dump(section, sort_keys=False, default_flow_style=None)
 
@@ -196,6 +219,8 @@ def table_md(result: dict, title: str) -> str:
         f"FP validation NLL {result['fp_nll']:.4f} on {result['valid_tokens']} tokens ({result['valid_data']}); "
         f"every layer quantized: +{result['all_quantized_delta_nll']:.4f}. Gradients over {result['calib_batches']} "
         f"calibration batches ({result['calib_tokens']} tokens).",
+        "",
+        f"Ranked by {RANK_WHAT[result['rank_by']]}.",
         "",
         "| rank | type | layers | params | ΔNLL (only this type) | ΔNLL / M params | output error | grad ratio (only) | grad error (only) | grad ratio (all) |",
         "|---|---|---|---|---|---|---|---|---|---|",

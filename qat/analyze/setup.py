@@ -124,8 +124,9 @@ def squared_grads(model: nn.Module, names: list[str], blocks, batch_size: int, k
         for s in range(0, len(blocks), batch_size):
             ids = blocks.input_ids[s : s + batch_size].to(device)
             mask = blocks.attention_mask[s : s + batch_size].to(device)
-            loss = causal_lm_loss(model, ids, mask)
-            grads = torch.autograd.grad(loss, list(params.values()))
+            with torch.set_grad_enabled(bool(params)):
+                loss = causal_lm_loss(model, ids, mask)
+            grads = torch.autograd.grad(loss, list(params.values())) if params else ()
             for n, g in zip(params, grads):
                 g = g.detach().float()
                 sq[n] += float(g.square().mean())
