@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("QAT_SHARED", REPO.parent / "shared"))  # gpu_throughput.sh: shared/ carried in the repo
 sys.path.insert(0, str(REPO))
 
 from qat.distill import distill_loss  # noqa: E402
@@ -174,7 +174,7 @@ def build_variants(names, args, device) -> tuple[dict[str, Variant], nn.Module, 
                 import torchao
                 from torchao.quantization import quantize_
                 from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
-            except ImportError as e:
+            except Exception as e:  # not installed, or built for another torch
                 notes.append(f"torchao skipped: not installed ({e.__class__.__name__}: {e})")
                 continue
             m = share_params(base)

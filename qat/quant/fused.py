@@ -30,14 +30,18 @@ from torch import Tensor
 from . import grid
 
 KERNELS = ("auto", "eager", "compile")
-_state = {"kernel": os.environ.get("QAT_QUANT_KERNEL", "auto")}
+_state = {"kernel": "auto"}
 
 
 def set_kernel(name: str) -> None:
-    """Process-wide choice of the fake-quant implementation (the recipe's ``quant.kernel``)."""
+    """Process-wide choice of the fake-quant implementation (the recipe's ``quant.kernel``; the
+    environment variable ``QAT_QUANT_KERNEL`` sets the default, e.g. for benchmarks)."""
     if name not in KERNELS:
         raise ValueError(f"quant.kernel must be one of {KERNELS}, got {name!r}")
     _state["kernel"] = name
+
+
+set_kernel(os.environ.get("QAT_QUANT_KERNEL", "auto"))
 
 
 def get_kernel() -> str:
