@@ -85,13 +85,16 @@ def budget(recipe) -> int:
     return t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
 
 
-def run_bits(scale: str, label: str, overrides: list[str], root: Path, with_levers: bool, rerun: bool, only: list[str] | None) -> dict:
+def run_bits(
+    scale: str, label: str, overrides: list[str], root: Path, with_levers: bool, rerun: bool, only: list[str] | None,
+    ptq: list[str], levers_only: bool = False,
+) -> dict:
     """Every row at one bit width: ``compare_recipe`` parts merged, QAT rows named by variant."""
     from qat.compare import compare_recipe
     from qat.recipe import load_recipe
 
     f = recipe_file(scale, label)
-    base = load_recipe(f, overrides + [f"output_dir={root}/{label}/base"])
+    base = load_recipe(f, overrides + [f"output_dir={root}/{label}/base", f"ptq.methods=[{','.join(ptq)}]"])
     tokens = budget(base)
     if scale == "small" and tokens > BUDGET_CAP:
         raise SystemExit(f"{f}: {tokens} training tokens, over the study's budget of {BUDGET_CAP}")
@@ -101,7 +104,7 @@ def run_bits(scale: str, label: str, overrides: list[str], root: Path, with_leve
         r["method"] = r["method"] if r["method"].startswith("fp") else r["method"] + (" (gptq base)" if r["method"].startswith("qera") else "")
     merged["layer_errors"] = {(m + " (gptq base)" if m.startswith("qera") else m): e for m, e in merged["layer_errors"].items()}
     ctx = {"gptq": f"{root}/{label}/base-ptq-gptq", "steps": base.train.max_steps}
-    variants = {k: v(ctx) for k, v in MAIN.items()}
+    variants = {} if levers_only else {k: v(ctx) for k, v in MAIN.items()}
     if with_levers:
         variants.update({f"lever: {k}": v for k, v in levers(ctx).items()})
     if only:
@@ -193,7 +196,9 @@ def main() -> int:
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=BITS)
     ap.add_argument("--levers", action="store_true", help="also the lever sweep (one lever at a time on top of KD)")
     ap.add_argument("--lever-bits", nargs="+", default=None, choices=BITS, help="bit widths of the sweep (default: --bits)")
-    ap.add_argument("--only", nargs="+", default=None, help="QAT variants whose name contains one of these (PTQ always runs)")
+    ap.add_argument("--levers-only", action="store_true", help="with --levers: the sweep without the main QAT rows")
+    ap.add_argument("--ptq", nargs="+", default=PTQ, choices=PTQ, help="PTQ baselines (gptq is what 'init from gptq' starts from)")
+    ap.add_argument("--only", nargs="+", default=None, help="QAT variants whose name contains one of these (the PTQ rows always run)")
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: checks every step runs, measures nothing")
     ap.add_argument("--runs-root", default=None, help="default runs/quality-<scale>[-smoke]")
     ap.add_argument("--out", default=None, help="report directory (default <runs-root>/report)")
@@ -218,7 +223,7 @@ def main() -> int:
         parts = []
         for label in args.bits:
             sweep = args.levers and (args.lever_bits is None or label in args.lever_bits)
-            parts.append(run_bits(args.scale, label, overrides, root, sweep, args.rerun, args.only))
+            parts.append(run_bits(args.scale, label, overrides, root, sweep, args.rerun, args.only, args.ptq, args.levers_only))
         report = {
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "device": device_name(),
