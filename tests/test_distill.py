@@ -284,3 +284,44 @@ def test_training_from_the_cache(at_repo, tmp_path, monkeypatch):
     monkeypatch.setattr(qat.teacher_cache, "_load_teacher", no_teacher)
     assert main(["train", *args, "--overwrite"]) == 0
     assert [x["kd_loss"] for x in metrics(out)] == pytest.approx(kd, rel=1e-6)
+
+
+def _precompute_on_two_ranks(out: str, used: list[int]) -> None:
+    from accelerate import Accelerator
+
+    import qat.teacher_cache as tc
+
+    acc = Accelerator(cpu=True)
+    assert acc.num_processes == 2
+    recipe = tiny_recipe(Path(out), "distill.teacher_cache={top_k: 8, shard_blocks: 4, batch_size: 4}")
+    real_save, mine = tc.save_shard, []
+
+    def save_shard(tensors, path):  # record which shards this process writes
+        mine.append(path.name)
+        real_save(tensors, path)
+
+    tc.save_shard = save_shard
+    try:
+        tc.precompute(recipe, tiny_blocks(recipe), torch.tensor(used), acc, progress=False)
+    finally:
+        tc.save_shard = real_save
+    (Path(out) / f"rank{acc.process_index}.json").write_text(json.dumps(mine))
+
+
+def test_precompute_on_two_processes_splits_the_shards(at_repo, tmp_path):
+    """Two gloo processes each write half of the missing shards; the result equals one process's."""
+    from accelerate import debug_launcher
+    from accelerate.state import AcceleratorState
+
+    import qat.teacher_cache as tc
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier in-process run's state must not leak into the fork
+    used = [0, 5, 9, 17, 22, 40]  # shards 0, 1, 2, 4, 5, 10
+    debug_launcher(lambda: _precompute_on_two_ranks(str(tmp_path / "two"), used), num_processes=2)
+    recipe = tiny_recipe(tmp_path / "one", "distill.teacher_cache={top_k: 8, shard_blocks: 4, batch_size: 4}")
+    one = tc.precompute(recipe, tiny_blocks(recipe), torch.tensor(used), progress=False)
+    two = shard_bytes(tmp_path / "two" / "teacher-cache")
+    assert sorted(two) == [f"shard-{i:05d}.safetensors" for i in (0, 1, 2, 4, 5, 10)]
+    assert two == shard_bytes(one)
+    written = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(written[0]) == len(written[1]) == 3 and sorted(written[0] + written[1]) == sorted(two)
