@@ -1,7 +1,8 @@
 """The QAT loop on Accelerate, in one file: recipe -> student + teacher -> data -> steps -> final/.
 
-Per optimizer step and micro-batch: teacher forward (no grad), student forward through the
-fake-quant layers, loss = kd_weight * KD + ce_weight * CE over the shifted real tokens,
+Per optimizer step and micro-batch: teacher forward (no grad; or its top-k read from the
+teacher cache), student forward through the fake-quant layers, loss = kd_weight * KD +
+ce_weight * CE over the shifted real tokens (qat/distill.py, chunked over tokens),
 backward (Accelerate: DDP / FSDP, mixed precision, gradient accumulation), clip, step.
 
 Data order is a pure function of (seed, step): every epoch is a seeded permutation of the
