@@ -4,6 +4,7 @@ the teacher top-k cache (precompute, resume, fingerprint, training from it)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -309,15 +310,29 @@ def _precompute_on_two_ranks(out: str, used: list[int]) -> None:
 
 
 def test_precompute_on_two_processes_splits_the_shards(at_repo, tmp_path):
-    """Two gloo processes each write half of the missing shards; the result equals one process's."""
-    from accelerate import debug_launcher
-    from accelerate.state import AcceleratorState
+    """Two gloo processes each write half of the missing shards; the result equals one process's.
+    Launched as real processes (`accelerate launch`): a fork of this process (debug_launcher)
+    inherits its OpenMP thread pool and crashes now and then."""
+    import subprocess
+    import sys
 
     import qat.teacher_cache as tc
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier in-process run's state must not leak into the fork
     used = [0, 5, 9, 17, 22, 40]  # shards 0, 1, 2, 4, 5, 10
-    debug_launcher(lambda: _precompute_on_two_ranks(str(tmp_path / "two"), used), num_processes=2)
+    script = tmp_path / "two_ranks.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_distill import _precompute_on_two_ranks\n"
+        "_precompute_on_two_ranks(sys.argv[1], json.loads(sys.argv[2]))\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(repo / "launch/cpu-2proc.yaml"),
+         str(script), str(tmp_path / "two"), json.dumps(used)],
+        capture_output=True, text=True, cwd=repo, env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
     recipe = tiny_recipe(tmp_path / "one", "distill.teacher_cache={top_k: 8, shard_blocks: 4, batch_size: 4}")
     one = tc.precompute(recipe, tiny_blocks(recipe), torch.tensor(used), progress=False)
     two = shard_bytes(tmp_path / "two" / "teacher-cache")
