@@ -49,26 +49,16 @@ def exact_pattern(name: str) -> str:
 
 def load_setup(recipe: Recipe, calib_sequences: int, valid_tokens: int, device: str | None = None) -> Setup:
     """Load the recipe's model, plan and data (recipe problems raise ``RecipeError``)."""
-    from ..data import build_datasets
     from ..diagnostic import heldout_blocks
-    from ..ptq.run import calibration_blocks, quant_plan
-    from ..train import load_student, load_tokenizer, model_config
+    from ..ptq.run import calibration_blocks, load_plan_and_data
+    from ..train import load_student
     from pathlib import Path
 
     if recipe.quant is None:
         raise RecipeError("quant: the analysis needs a quant section (the scheme to quantize to)")
     if recipe.model.path is None:
         raise RecipeError("model.path: the analysis needs a pretrained model; this recipe builds one from scratch")
-    tokenizer = load_tokenizer(recipe, Path(recipe.output_dir), reuse_trained=False)
-    config = model_config(recipe, tokenizer)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and recipe.data.seq_len > max_pos:
-        raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
-    plan = quant_plan(recipe, config)
-    try:
-        train_set, valid_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
+    _, config, plan, train_set, valid_set = load_plan_and_data(recipe, Path(recipe.output_dir))
     calib = calibration_blocks(train_set, calib_sequences * train_set.seq_len, recipe.train.seed)
     if valid_set is not None:
         valid, what = heldout_blocks(valid_set, valid_tokens), "validation split"

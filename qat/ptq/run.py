@@ -63,6 +63,25 @@ def quant_plan(recipe: Recipe, config) -> dict[str, QuantScheme]:
     return dict(report.layers)
 
 
+def load_plan_and_data(recipe: Recipe, out: Path):
+    """Tokenizer, model config, quantization plan and (train, valid) blocks of a recipe, checked
+    before any weights load: what PTQ and ``qat analyze`` start from."""
+    from ..data import build_datasets
+    from ..train import load_tokenizer, model_config
+
+    tokenizer = load_tokenizer(recipe, out, reuse_trained=False)
+    config = model_config(recipe, tokenizer)
+    max_pos = getattr(config, "max_position_embeddings", None)
+    if max_pos is not None and recipe.data.seq_len > max_pos:
+        raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
+    plan = quant_plan(recipe, config)
+    try:
+        train_set, valid_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+    return tokenizer, config, plan, train_set, valid_set
+
+
 def calibration_budget(recipe: Recipe, train_tokens: int) -> tuple[int, str]:
     """Calibration tokens and where the number comes from (capped by the training data)."""
     p, t = recipe.ptq, recipe.train
@@ -201,12 +220,11 @@ def save_adapter(model: nn.Module, lora: dict, path: Path):
 
 def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
     """Quantize the recipe's model with ``method`` and write the run directory (see module doc)."""
-    from ..data import build_datasets
     from ..diagnostic import effective_weights, heldout_blocks, layer_output_errors, mean_error
     from ..eval import perplexity
     from ..final import save_final
     from ..eval_cli import load_model_dir
-    from ..train import DTYPES, load_models, load_tokenizer, model_config
+    from ..train import DTYPES, load_models
 
     if method not in METHODS:
         raise RecipeError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -227,16 +245,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
     recipe = recipe.model_copy(update={"output_dir": str(out)})
     (out / "recipe.yaml").write_text(recipe.to_yaml())
 
-    tokenizer = load_tokenizer(recipe, out, reuse_trained=False)
-    config = model_config(recipe, tokenizer)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and recipe.data.seq_len > max_pos:
-        raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
-    plan = quant_plan(recipe, config)
-    try:
-        train_set, valid_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
+    tokenizer, config, plan, train_set, valid_set = load_plan_and_data(recipe, out)
     data_free = method in ("rtn", "rtn-mse", "nf4")
     calib, budget, why = None, 0, "data-free"
     if not data_free:
