@@ -241,11 +241,11 @@ def one_step(v: Variant, batch: dict, args, device: torch.device, chunk_tokens) 
     fused.set_kernel(v.kernel)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.autocast == "bf16")
     with autocast:
-        logits = v.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = v.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     teacher = None
     if v.teacher is not None:
         with torch.no_grad(), autocast:
-            teacher = v.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            teacher = v.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
     elif v.topk is not None:
         teacher = v.topk
     kd_w, ce_w = (1.0, 0.0) if teacher is not None else (0.0, 1.0)
@@ -323,6 +323,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--chunk-tokens", default="recipe", help="KD/CE loss chunk (recipe default), or 'none' for the naive loss")
     ap.add_argument("--top-k", type=int, default=None, help="teacher top-k of qat-kd-cached (default: the recipe's)")
     ap.add_argument("--peak-tflops", type=float, help="device peak for MFU when not an H100/H200/A100")
+    ap.add_argument("--compile-model", action="store_true", help="torch.compile every variant's model (as train.compile)")
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--results-md", help="append a dated section to this markdown file (e.g. benchmarks/RESULTS.md)")
     args = ap.parse_args(argv)
@@ -339,6 +340,10 @@ def main(argv=None) -> dict:
     names = [n.strip() for n in args.variants.split(",") if n.strip()]
 
     variants, base, notes = build_variants(names, args, device)
+    if args.compile_model:  # the whole student, as qat train does with train.compile: true
+        for v in variants.values():
+            v.model = torch.compile(v.model)
+        notes.append("every model torch.compile'd (--compile-model); warm-up rounds include compilation")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (args.batch, args.seq), generator=g).to(device)
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}

@@ -56,7 +56,7 @@ def perplexity(
         ids = blocks.input_ids[start:end].to(device)
         mask = blocks.attention_mask[start:end].to(device)
         labels = ids.masked_fill(mask == 0, -100)
-        logits = model(input_ids=ids, attention_mask=mask).logits
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
         sel = labels[:, 1:] != -100
         if score_mask is not None:  # strided windows: only the tokens this window is responsible for
             sel &= score_mask[start:end, 1:].to(device).bool()
@@ -64,7 +64,7 @@ def perplexity(
         sums[0] += F.cross_entropy(s, labels[:, 1:][sel], reduction="sum").double()
         sums[1] += sel.sum()
         if teacher is not None:
-            t = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1][sel].float()
+            t = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][sel].float()
             sums[2] += kd_token_loss(s, t, "forward_kl").sum().double()
             sums[3] += F.cross_entropy(t, labels[:, 1:][sel], reduction="sum").double()
     if accelerator is not None and world > 1:

@@ -253,6 +253,7 @@ class TrainSection(_Section):
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     activation_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the student (inductor) after Accelerate wraps it; pays off on GPUs")
     log_every: int = Field(10, gt=0)
     max_bad_steps: int = Field(3, ge=0, description="steps with a non-finite loss or gradient skipped before the run stops")
 

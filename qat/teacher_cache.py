@@ -156,7 +156,7 @@ def teacher_topk(teacher, blocks, lo: int, hi: int, k: int, batch_size: int, dev
     for s in range(lo, hi, batch_size):
         sl = slice(s, min(s + batch_size, hi))
         with accelerator.autocast() if accelerator else torch.autocast(device.type, enabled=False):
-            logits = teacher(input_ids=blocks.input_ids[sl].to(device), attention_mask=blocks.attention_mask[sl].to(device)).logits
+            logits = teacher(input_ids=blocks.input_ids[sl].to(device), attention_mask=blocks.attention_mask[sl].to(device), use_cache=False).logits
         top = logits.topk(min(k, logits.shape[-1]), dim=-1)
         ids.append(top.indices.to(torch.int32).cpu())
         vals.append(top.values.cpu())

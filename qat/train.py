@@ -470,6 +470,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     if recipe.quant is not None and recipe.quant.start_step:
         set_fake_quant(student, False)  # plain fine-tuning until quant.start_step
     student, optimizer = accelerator.prepare(student, optimizer)
+    if t.compile:  # after the DDP / FSDP wrapping, as Accelerate's own dynamo plugin does (which
+        student = torch.compile(student)  # lives in its process-wide state: not set per run)
     if teacher is not None:
         # sharded like the student under FSDP; elsewhere only placed (DDP refuses a model with
         # nothing to train, and a frozen teacher needs no gradient sync)
@@ -497,13 +499,13 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     d = recipe.distill
 
     def loss_on(batch, idx):
-        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         t_out = None  # full teacher logits, its cached top-k, or none (CE only)
         if cache is not None:
             t_out = cache.lookup(idx, logits.device)
         elif teacher is not None:
             with torch.no_grad():
-                t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                t_out = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
         kd_w, ce_w = (d.kd_weight, d.ce_weight) if t_out is not None else (0.0, 1.0)
         return distill_loss(logits, t_out, batch["labels"], d.loss, d.temperature, kd_w, ce_w, d.chunk_tokens)
 
@@ -585,6 +587,8 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     # disk vs the teacher, evaluated on all processes.
     save_dtype = DTYPES[recipe.model.save_dtype or recipe.model.dtype]
     state = accelerator.get_state_dict(student)
+    if recipe.train.compile:  # torch.compile's wrapper prefixes every key
+        state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     if main:
         final = load_student(recipe, config)
         build_student_quant(final, recipe, at_step=step)  # a delayed freeze in force at the end included
