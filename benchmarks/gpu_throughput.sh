@@ -13,6 +13,7 @@
 #   step-small  benchmarks/step_time.py --config small (llama-small, 8 x 1024, bf16 autocast, fp32 master)
 #   step-1b     benchmarks/step_time.py --config 1b   (random-init ~0.95B Llama, 4 x 2048, bf16 autocast)
 #   step-1b-bf16  the same with bf16 master weights (the peer measurement's setting)
+#   step-1b-compiled  step-1b with every model torch.compile'd (--compile-model, as train.compile: true)
 #   ptq-small   benchmarks/ptq_speed.py --config small
 #   ptq-1b      benchmarks/ptq_speed.py --config 1b (128 x 2048 calibration tokens)
 # Results: $OUT (device tool) or runs/gpu-throughput[-smoke]: PART.json + PART.log per part and
@@ -37,7 +38,7 @@ REPO=$PWD
 PY=${PYTHON:-python3}
 SMOKE=0
 if [ "${1:-}" = "--smoke" ]; then SMOKE=1; shift; fi
-PARTS=${*:-fused layer step-small step-1b step-1b-bf16 ptq-small ptq-1b}
+PARTS=${*:-fused layer step-small step-1b step-1b-bf16 step-1b-compiled ptq-small ptq-1b}
 if [ $SMOKE = 1 ]; then RESULTS=${OUT:-$REPO/runs/gpu-throughput-smoke}; else RESULTS=${OUT:-$REPO/runs/gpu-throughput}; fi
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
@@ -69,7 +70,8 @@ part() {  # part NAME cmd...: run, log, record exit status and time
 step() {  # step NAME step_time.py args (full) -- smoke args
   local name=$1; shift
   if [ $SMOKE = 1 ]; then
-    part "$name" $PY benchmarks/step_time.py --config smoke "${DEV[@]}" --variants plain,qat,qat-compile,qat-kd,qat-kd-cached,qat-lora,torchao --json "$RESULTS/$name.json"
+    local extra=(); [[ " $* " == *" --compile-model "* ]] && extra=(--compile-model --warmup 3)
+    part "$name" $PY benchmarks/step_time.py --config smoke "${DEV[@]}" "${extra[@]}" --variants plain,qat,qat-compile,qat-kd,qat-kd-cached,qat-lora,torchao --json "$RESULTS/$name.json"
   else
     part "$name" $PY benchmarks/step_time.py "$@" --variants plain,qat,qat-eager,qat-kd,qat-kd-cached,qat-lora,torchao --json "$RESULTS/$name.json"
   fi
@@ -84,13 +86,14 @@ for p in $PARTS; do
     step-small) step step-small --config small --batch 8 --seq 1024 --steps 20 --warmup 5 ;;
     step-1b) step step-1b --config 1b --batch 4 --seq 2048 --steps 10 --warmup 3 ;;
     step-1b-bf16) step step-1b-bf16 --config 1b --batch 4 --seq 2048 --steps 10 --warmup 3 --weights bfloat16 ;;
+    step-1b-compiled) step step-1b-compiled --config 1b --batch 4 --seq 2048 --steps 10 --warmup 5 --compile-model ;;  # train.compile
     ptq-small)
       if [ $SMOKE = 1 ]; then part ptq-small $PY benchmarks/ptq_speed.py --config smoke "${DEV[@]}" --json "$RESULTS/ptq-small.json"
       else part ptq-small $PY benchmarks/ptq_speed.py --config small --json "$RESULTS/ptq-small.json"; fi ;;
     ptq-1b)
       if [ $SMOKE = 1 ]; then part ptq-1b $PY benchmarks/ptq_speed.py --config smoke "${DEV[@]}" --calib-seqs 4 --json "$RESULTS/ptq-1b.json"
       else part ptq-1b $PY benchmarks/ptq_speed.py --config 1b --calib-seqs 128 --seq 2048 --json "$RESULTS/ptq-1b.json"; fi ;;
-    *) echo "unknown part: $p (fused layer step-small step-1b step-1b-bf16 ptq-small ptq-1b)"; FAIL=$((FAIL + 1)) ;;
+    *) echo "unknown part: $p (fused layer step-small step-1b step-1b-bf16 step-1b-compiled ptq-small ptq-1b)"; FAIL=$((FAIL + 1)) ;;
   esac
 done
 echo "failed parts: $FAIL" | tee -a "$RESULTS/summary.txt"
