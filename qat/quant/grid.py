@@ -190,6 +190,22 @@ def fake_quantize(
     return ((q - z) * s).reshape(w.shape)
 
 
+def _in_range(v: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Where ``v = w / s + z`` lies inside the code range: where the STE passes the gradient."""
+    return (v >= qmin) & (v <= qmax)
+
+
+def _lsq_scale_term(gyg: Tensor, in_range: Tensor, v: Tensor, q: Tensor, z: Tensor) -> Tensor:
+    """Per-weight LSQ term of the scale gradient: the incoming gradient times ``q - v`` in range,
+    ``q - z`` clipped (grouped shapes)."""
+    return gyg * torch.where(in_range, q - v, q - z)
+
+
+def _lsq_zero_term(gyg: Tensor, in_range: Tensor, s: Tensor) -> Tensor:
+    """Per-weight LSQ term of the zero-point gradient: 0 in range, ``-s`` clipped."""
+    return gyg * torch.where(in_range, 0.0, -s)
+
+
 class _FakeQuantSTE(torch.autograd.Function):
     """Fake-quantize with a straight-through estimator for ``w`` and LSQ gradients for the
     scale and zero-point.
@@ -208,7 +224,7 @@ class _FakeQuantSTE(torch.autograd.Function):
         s = _expand(scale)
         v, q, z, qmin, qmax = _signed_codes(group_view(w, group_size), s, _expand(zero), bits, symmetric)
         y = ((q - z) * s).reshape(w.shape)
-        in_range = (v >= qmin) & (v <= qmax)
+        in_range = _in_range(v, qmin, qmax)
         ctx.group_size = group_size
         ctx.qparam_grads = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         if ctx.qparam_grads:
@@ -226,10 +242,9 @@ class _FakeQuantSTE(torch.autograd.Function):
         if ctx.qparam_grads:
             _, v, q, scale, z = ctx.saved_tensors
             if ctx.needs_input_grad[1]:
-                ds = torch.where(in_range, q - v, q - z)
-                gs = (gyg * ds).sum(-1).to(scale.dtype)
+                gs = _lsq_scale_term(gyg, in_range, v, q, z).sum(-1).to(scale.dtype)
             if ctx.needs_input_grad[2]:
-                gz = (gyg * torch.where(in_range, 0.0, -_expand(scale))).sum(-1).to(z.dtype)
+                gz = _lsq_zero_term(gyg, in_range, _expand(scale)).sum(-1).to(z.dtype)
         return gw, gs, gz, None, None, None
 
 
@@ -247,7 +262,7 @@ def fake_quantize_masked(
     inside the code range): the forward of ``_FakeQuantSTE``, as one pure function."""
     s = _expand(scale)
     v, q, z, qmin, qmax = _signed_codes(group_view(w, group_size), s, _expand(zero), bits, symmetric)
-    return ((q - z) * s).reshape(w.shape), (v >= qmin) & (v <= qmax)
+    return ((q - z) * s).reshape(w.shape), _in_range(v, qmin, qmax)
 
 
 def lsq_qparam_grad_terms(
@@ -258,9 +273,8 @@ def lsq_qparam_grad_terms(
     ``.sum(-1)`` are the gradients (``lsq_qparam_grads``)."""
     s = _expand(scale)
     v, q, z, qmin, qmax = _signed_codes(group_view(w, group_size), s, _expand(zero), bits, symmetric)
-    in_range = (v >= qmin) & (v <= qmax)
-    gyg = group_view(gy, group_size)
-    return gyg * torch.where(in_range, q - v, q - z), gyg * torch.where(in_range, 0.0, -s)
+    gyg, in_range = group_view(gy, group_size), _in_range(v, qmin, qmax)
+    return _lsq_scale_term(gyg, in_range, v, q, z), _lsq_zero_term(gyg, in_range, s)
 
 
 def lsq_qparam_grads(
