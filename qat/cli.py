@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from .deps import MissingDependency
 from .quant.scheme import QuantConfigError
 from .recipe import RecipeError
 
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, QuantConfigError) as e:
         lines = str(e).splitlines() or [""]
         print("qat: recipe error:\n" + "\n".join(f"  {line}" for line in lines), file=sys.stderr)
+        return 2
+    except MissingDependency as e:
+        print(f"qat: {e}", file=sys.stderr)
         return 2
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import yaml
 
+from .deps import require
 from .recipe import Recipe, RecipeError
 
 
@@ -267,8 +268,7 @@ def report_md(report: dict) -> str:
 def report_png(report: dict, path: Path, value: str = "ppl") -> None:
     """Left: ``value`` (``ppl`` or ``ppl_ratio``) by method and bit width; right: mean layer error
     against KL to the teacher, every method (colour) and bit width (marker) on one axis."""
-    import matplotlib
-
+    matplotlib = require("matplotlib", "the report plot (report.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -17,8 +17,10 @@ be a local ``.json`` / ``.jsonl`` file (see ``qat/harness.py``).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
+from .deps import available, hint
 from .recipe import RecipeError
 
 DEFAULT_SEPARATOR = "\n<|endoftext|>\n"
@@ -51,6 +53,31 @@ def run_recipe(run_dir: Path):
     return load_recipe(path, check_files=False) if path.exists() else None
 
 
+def looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a local path, so it is never sent to the model hub: it starts
+    with ``.``, ``/`` or ``~``, has more than one ``/`` (a hub id is ``org/name``), or its first
+    part is a directory here (``runs/typo``)."""
+    if name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
+        return True
+    return "/" in name and Path(name.split("/", 1)[0]).is_dir()
+
+
+def check_args(args, target: Path, recipe) -> list[str]:
+    """Every problem with the command line, found before any weights load."""
+    problems = []
+    if not target.exists() and looks_local(args.model):
+        problems.append(f"MODEL_OR_RUN_DIR: no such directory: {args.model}")
+    elif target.is_dir() and recipe is None and not (target / "config.json").is_file():
+        problems.append(f"MODEL_OR_RUN_DIR: {args.model} is neither a run directory (with final/) nor a model directory (with config.json)")
+    if not (args.seq_len or recipe):
+        problems.append("--seq-len: required when evaluating a model directory (no recipe to take it from)")
+    if not (args.data or recipe):
+        problems.append("--data: required when evaluating a model directory (no recipe to take it from)")
+    if args.tasks and not available("lm_eval"):
+        problems.append(hint("lm_eval", "--tasks"))
+    return problems
+
+
 def evaluate(args) -> dict:
     import torch
 
@@ -58,26 +85,22 @@ def evaluate(args) -> dict:
     from .eval import make_windows, perplexity, token_stream
     from .recipe import DataSection
 
-    target = Path(args.model)
+    target = Path(args.model).expanduser()
     run_dir = target if (target / "final").is_dir() else None
     recipe = run_recipe(run_dir) if run_dir is not None else None
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if run_dir is None and not target.exists() and target.is_absolute():
-        raise RecipeError(f"model: no such directory: {target}")
-    model, tokenizer = load_model_dir(run_dir / "final" if run_dir else target, args.dtype, device)
-
-    seq_len = args.seq_len or (recipe.data.seq_len if recipe else None)
-    if seq_len is None:
-        raise RecipeError("--seq-len: required when evaluating a model directory (no recipe to take it from)")
+    problems = check_args(args, target, recipe)
+    if problems:
+        raise RecipeError("\n".join(problems))
+    seq_len = args.seq_len or recipe.data.seq_len
     if args.data:
         sep = args.doc_separator if args.doc_separator is not None else (recipe.data.doc_separator if recipe else DEFAULT_SEPARATOR)
-        section = DataSection(source="files", files=args.data, doc_separator=sep or None, seq_len=seq_len)
+        section = DataSection(source="files", files=args.data, format=args.data_format, doc_separator=sep or None, seq_len=seq_len)
         try:
             docs = load_documents(section, "train")
         except ValueError as e:
-            raise RecipeError(str(e).replace("data.files", "--data")) from None
+            raise RecipeError(str(e).replace("data.files", "--data").replace("set data.format", "pass --data-format text|json|parquet")) from None
         what = ", ".join(args.data)
-    elif recipe is not None:
+    else:
         try:
             docs = load_documents(recipe.data, "valid", seed=recipe.train.seed)
         except ValueError as e:
@@ -85,8 +108,8 @@ def evaluate(args) -> dict:
         if not docs:
             raise RecipeError("--data: the run's recipe has no validation split; pass --data")
         what = "the run's validation split"
-    else:
-        raise RecipeError("--data: required when evaluating a model directory (no recipe to take it from)")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model_dir(run_dir / "final" if run_dir else target if target.exists() else args.model, args.dtype, device)
 
     max_tokens = args.max_tokens
     if max_tokens is None and recipe is not None and not args.data:
@@ -141,6 +164,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity (+ KL to a teacher, + lm-eval tasks) of a model or run directory")
     p.add_argument("model", metavar="MODEL_OR_RUN_DIR")
     p.add_argument("--data", nargs="+", help="text/json/jsonl/parquet files or globs (.gz ok); default: the run's validation split")
+    p.add_argument("--data-format", default="auto", choices=["auto", "text", "json", "parquet"],
+                   help="format of --data files (default: from the extension; .jsonl is json)")
     p.add_argument("--seq-len", type=int, help="window length (default: the run's data.seq_len)")
     p.add_argument("--stride", type=int, help="window stride < seq-len for overlapping windows (default: no overlap)")
     p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the stream")

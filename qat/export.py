@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .deps import require
 from .final import QPARAMS_FILE, QUANT_FILE
 from .quant.grid import dequantize, minmax_qparams, quantize
 from .quant.linear import QuantizedWeight
@@ -595,6 +596,10 @@ def export(
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     run, final = resolve_run(run_dir)
     layers = read_layers(final)
+    if fmt in ("compressed-tensors", "gptq"):  # both pack with compressed-tensors' pack_to_int32
+        require("compressed_tensors", f"qat export --format {fmt}")
+    if (final / ADAPTER_DIR / "adapter_config.json").is_file() and (merge or verify):
+        require("peft", "a run with a LoRA adapter (final/adapter)")
     if fmt == "gptq":  # the cheap checks, before any weights load
         check_gptq_schemes(layers)
     elif fmt == "compressed-tensors":

@@ -6,12 +6,13 @@ import sys
 
 
 def run(args) -> int:
+    from .deps import MissingDependency
     from .export import ExportError, export
 
     try:
         export(args.run_dir, args.format, args.out, merge=args.merge_lora, overwrite=args.overwrite, verify=args.verify,
                any_bits=args.any_bits)
-    except ExportError as e:
+    except (ExportError, MissingDependency) as e:
         print(f"qat export: error: {e}", file=sys.stderr)
         return 2
     return 0

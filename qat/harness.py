@@ -19,6 +19,7 @@ import re
 import tempfile
 from pathlib import Path
 
+from .deps import require
 from .recipe import RecipeError
 
 
@@ -91,12 +92,9 @@ def run_lm_eval(
     num_fewshot: int | None = None,
 ) -> dict[str, dict]:
     """``{task: {metric: value}}`` from lm-evaluation-harness on the in-memory ``model``."""
-    try:
-        import lm_eval
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
-    except ImportError:
-        raise RecipeError("--tasks: lm-evaluation-harness is not installed (pip install 'qat[eval]')") from None
+    lm_eval = require("lm_eval", "--tasks (lm-evaluation-harness)")
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     with tempfile.TemporaryDirectory(prefix="qat-lmeval-") as tmp:
         names, paths = [], [include_path] if include_path else []

@@ -26,6 +26,7 @@ import re
 import torch
 from torch import Tensor, nn
 
+from .deps import require
 from .quant.apply import _parent, qat_linears
 from .quant.grid import fake_quantize, fake_quantize_ste, minmax_qparams
 from .quant.linear import QATLinear
@@ -102,12 +103,7 @@ def lora_targets(model: nn.Module, patterns: list[str] | None) -> list[str]:
 
 
 def _lora_config(peft_opts, names: list[str]):
-    try:
-        from peft import LoraConfig
-    except ImportError:
-        from .recipe import RecipeError
-
-        raise RecipeError("peft: LoRA needs the peft package (pip install 'qat[peft]')") from None
+    LoraConfig = require("peft", "the peft section (LoRA)").LoraConfig
     return LoraConfig(
         r=peft_opts.r,
         lora_alpha=peft_opts.alpha,

@@ -485,6 +485,41 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _section_of(annotation):
+    """The section model inside ``X``, ``X | None`` (None for a plain value)."""
+    for a in (annotation, *get_args(annotation)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
+def schema_keys(model: type[BaseModel] = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the recipe schema (``train.lr``, ``quant.bits``, ...)."""
+    keys = []
+    for name, field in (model or Recipe).model_fields.items():
+        sub = _section_of(field.annotation)
+        keys.append(prefix + name)
+        if sub is not None:
+            keys += schema_keys(sub, f"{prefix}{name}.")
+    return keys
+
+
+def _did_you_mean(loc: str) -> str:
+    """`` (did you mean train.lr?)`` for a misspelt or misplaced key, else ``""``."""
+    import difflib
+
+    keys = schema_keys()
+    parent, _, leaf = loc.rpartition(".")
+    siblings = [k for k in keys if k.rpartition(".")[0] == parent]
+    close = difflib.get_close_matches(loc, siblings, n=1, cutoff=0.75)
+    if not close:  # the right name in the wrong section (`lr` at the top, `quant.lr`)
+        close = [k for k in keys if k.rpartition(".")[2] == leaf]
+    if not close:
+        close = difflib.get_close_matches(leaf, [k.rpartition(".")[2] for k in keys], n=1, cutoff=0.8)
+        close = [k for k in keys if close and k.rpartition(".")[2] == close[0]]
+    return f" (did you mean {' or '.join(close[:2])}?)" if close else ""
+
+
 def _format_error(err: dict) -> str:
     loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
     msg = err["msg"].removeprefix("Value error, ")
@@ -492,7 +527,7 @@ def _format_error(err: dict) -> str:
     if not loc and named:  # a check across sections names its key first
         loc, msg = named.groups()
     if err["type"] == "extra_forbidden":
-        msg = "unknown key"
+        msg = "unknown key" + _did_you_mean(loc)
     elif err["type"] == "missing":
         msg = "required key is missing"
     got = err.get("input")

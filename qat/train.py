@@ -19,6 +19,7 @@ import os
 import re
 import resource
 import shutil
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint
+from .deps import available, hint, require
 from .data import build_datasets, load_documents, train_tokenizer
 from .distill import distill_loss
 from .eval import perplexity
@@ -258,10 +260,7 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     kw = dict(lr=t.lr, betas=t.betas, eps=t.eps)
     if t.optimizer == "adamw":
         return torch.optim.AdamW(groups, **kw)
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise RecipeError(f"train.optimizer: {t.optimizer} needs bitsandbytes (pip install 'qat[bnb]')") from None
+    bnb = require("bitsandbytes", f"train.optimizer: {t.optimizer}")
     cls = bnb.optim.AdamW8bit if t.optimizer == "adamw_8bit" else bnb.optim.PagedAdamW8bit
     return cls(groups, **kw)
 
@@ -311,6 +310,10 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class LaunchError(RuntimeError):
+    """The processes were launched in a way that cannot train (the CLI: one line, exit code 2)."""
 
 
 class TrainingStopped(RuntimeError):
@@ -387,14 +390,21 @@ def init_tracking(recipe: Recipe, accelerator, out: Path) -> None:
         accelerator.trackers = []
 
 
+def check_optional_deps(recipe: Recipe) -> None:
+    """The optional packages the recipe needs, checked before anything loads (one line each)."""
+    if recipe.train.optimizer != "adamw":
+        require("bitsandbytes", f"train.optimizer: {recipe.train.optimizer}")
+    if recipe.peft is not None:
+        require("peft", "the peft section (LoRA)")
+
+
 def make_accelerator(recipe: Recipe, out: Path):
     from accelerate import Accelerator
-    from accelerate.utils import is_wandb_available
 
     tr = recipe.tracking
-    use_wandb = tr.wandb_project is not None and tr.mode != "disabled" and is_wandb_available()
-    if tr.wandb_project is not None and tr.mode != "disabled" and not use_wandb:
-        warnings.warn("tracking.wandb_project is set but wandb is not installed (pip install 'qat[wandb]')")
+    use_wandb = tr.wandb_project is not None and tr.mode != "disabled" and available("wandb")
+    if tr.wandb_project is not None and tr.mode != "disabled" and not use_wandb and int(os.environ.get("RANK", "0")) == 0:
+        print(f"qat: {hint('wandb', 'tracking.wandb_project')}; logging to metrics.jsonl only", file=sys.stderr)
     return Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
@@ -408,13 +418,14 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     from accelerate.utils import set_seed
 
     out = Path(recipe.output_dir)
+    check_optional_deps(recipe)
     resume_from = check_output_dir(recipe, overwrite)
     accelerator = make_accelerator(recipe, out)
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched != accelerator.num_processes:
-        raise RuntimeError(
-            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}: each would train "
-            "alone. On a machine without GPUs set ACCELERATE_USE_CPU=1 (see launch/cpu-2proc.yaml)."
+        raise LaunchError(
+            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}, so each would train "
+            "alone. On a machine without GPUs, launch with ACCELERATE_USE_CPU=1 (see launch/cpu-2proc.yaml)."
         )
     for key, n in (("quant.start_step", recipe.quant.start_step if recipe.quant else 0), ("freeze.start_step", recipe.freeze.start_step)):
         if n and accelerator.num_processes > 1:  # DDP/FSDP fix the set of trained parameters when they wrap the model

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
+import os
+import shlex
 import sys
+from pathlib import Path
+
+
+def resume_hint(recipe, args) -> str:
+    """Where the newest complete checkpoint is, and the command that continues from it."""
+    from .checkpoint import latest_checkpoint
+
+    out = Path(recipe.output_dir)
+    last = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
+    if last is None:
+        return f"No checkpoint was written in {out} (checkpoint.every={recipe.checkpoint.every}); rerun the command to start over."
+    kept = [o for o in args.overrides if not o.startswith("checkpoint.resume=")]
+    cmd = shlex.join(["qat", "train", str(args.recipe), *kept, "checkpoint.resume=auto"])
+    return f"Last checkpoint: {last}; resume with: {cmd}"
 
 
 def run(args) -> int:
@@ -10,13 +26,20 @@ def run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from .checkpoint import CheckpointError
-    from .train import TrainingStopped, train  # heavy imports only once the recipe is known to be valid
+    from .train import LaunchError, TrainingStopped, train  # heavy imports only once the recipe is known to be valid
 
     try:
         out = train(recipe, overwrite=args.overwrite)
     except (TrainingStopped, CheckpointError) as e:  # a clear message, no traceback; exit 1
         print(f"qat: training stopped: {e}", file=sys.stderr)
         return 1
+    except LaunchError as e:  # every rank raises it; one says it
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"qat: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, where the run can pick up again
+        print(f"\nqat: interrupted. {resume_hint(recipe, args)}", file=sys.stderr)
+        return 130
     print(f"run directory: {out}")
     return 0
 

@@ -14,6 +14,18 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED = REPO_ROOT.parent / "shared"
 LLAMA_TINY = SHARED / "models" / "llama-tiny"
+HAVE_TINY = (LLAMA_TINY / "config.json").is_file()
+NO_FIXTURES = "../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)"
+# A mark, not a fixture: marks are evaluated before any fixture is set up, so a module-scoped
+# fixture that trains on llama-tiny never runs where the fixtures are absent.
+needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason=NO_FIXTURES)
+
+
+def require_tiny() -> Path:
+    """Skip the calling test or fixture (with the reason shown in the summary) without llama-tiny."""
+    if not HAVE_TINY:
+        pytest.skip(NO_FIXTURES)
+    return LLAMA_TINY
 
 
 def make_tiny_llama(seed: int = 0):
@@ -64,6 +76,4 @@ def tiny_opt():
 
 @pytest.fixture
 def llama_tiny_path() -> Path:
-    if not (LLAMA_TINY / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
-    return LLAMA_TINY
+    return require_tiny()

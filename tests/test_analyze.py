@@ -36,8 +36,7 @@ from conftest import make_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes/tiny/w4-ovfreeze.yaml"
-HAVE_FIXTURES = (REPO.parent / "shared" / "models" / "llama-tiny" / "config.json").is_file()
-needs_fixtures = pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/models/llama-tiny not found (CI has it)")
+from conftest import HAVE_TINY as HAVE_FIXTURES, needs_tiny as needs_fixtures  # noqa: E402
 CHOICES = (2, 3, 4, 8)
 
 

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from qat.cli import main
+from conftest import require_tiny, needs_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
 FAST = [
     "data.max_train_tokens=8192",
@@ -27,8 +29,7 @@ FAST = [
 
 @pytest.fixture(autouse=True)
 def _needs_fixture(monkeypatch):
-    if not (REPO.parent / "shared" / "models" / "llama-tiny" / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
+    require_tiny()
     monkeypatch.chdir(REPO)  # the recipe's ../shared paths are relative to the repo root
 
 
@@ -38,8 +39,7 @@ def lm():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = REPO.parent / "shared" / "models" / "llama-tiny"
-    if not (path / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found")
+    require_tiny()
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(str(path))
 
 

@@ -23,6 +23,7 @@ pytest.importorskip("compressed_tensors")
 
 from qat.cli import build_parser, main  # noqa: E402
 from qat.quant.grid import dequantize  # noqa: E402
+from conftest import require_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -67,8 +68,7 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Lazily trained runs, one per (bits, group, symmetric, save_dtype, extra), shared by the module."""
-    if not (SHARED / "models" / "llama-tiny" / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
+    require_tiny()
     root = tmp_path_factory.mktemp("export-runs")
     cache: dict[tuple, Path] = {}
 
@@ -393,8 +393,7 @@ def ptq_run(method: str, scheme, out: Path) -> Path:
 @pytest.mark.parametrize("method,scheme", [("rtn", (4, 64, True)), ("gptq", (8, None, False)), ("gptq", (4, 64, True))],
                          ids=["rtn-int4-g64-sym", "gptq-int8-channel-asym", "gptq-int4-g64-sym"])
 def test_ptq_run_exports_exactly(method, scheme, tmp_path):
-    if not (SHARED / "models" / "llama-tiny" / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found")
+    require_tiny()
     if method not in _ptq_methods():
         pytest.skip(f"`qat ptq --method {method}` is not available in this checkout (qat/ptq not landed)")
     sym = scheme[2]
@@ -411,8 +410,7 @@ def test_ptq_run_exports_exactly(method, scheme, tmp_path):
 
 def test_qera_adapter_kept_separate_beside_packed_base(tmp_path, capsys):
     """QERA's low-rank terms (final/adapter) stay a PEFT adapter next to the exact packed base."""
-    if not (SHARED / "models" / "llama-tiny" / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found")
+    require_tiny()
     if "qera-exact" not in _ptq_methods(("qera-exact",)):
         pytest.skip("`qat ptq --method qera-exact` is not available in this checkout (qat/ptq not landed)")
     from peft import PeftModel

@@ -10,9 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import LLAMA_TINY
+from conftest import LLAMA_TINY, needs_tiny, require_tiny
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
 GEN = ["data.source=teacher-generated", "data.files=null", "data.generate.count=10", "data.generate.length=24",
        "data.generate.batch_size=4", "data.generate.top_k=20", "data.generate.temperature=0.9", "data.seq_len=16"]
@@ -20,8 +21,7 @@ GEN = ["data.source=teacher-generated", "data.files=null", "data.generate.count=
 
 @pytest.fixture(autouse=True)
 def _tiny(monkeypatch):
-    if not (LLAMA_TINY / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found")
+    require_tiny()
     monkeypatch.chdir(REPO)
 
 

@@ -30,6 +30,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import require_tiny
 from qat.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,8 +213,7 @@ def assert_same_state(a, b, where: str) -> None:
 
 @pytest.fixture
 def zygote(tmp_path, monkeypatch):
-    if not (REPO.parent / "shared" / "models" / "llama-tiny" / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
+    require_tiny()
     z = Zygote(tmp_path)
     yield z
     z.close()

@@ -17,7 +17,7 @@ from qat.quant import QuantScheme, qat_linears, quantize_model
 from qat.quant.grid import fake_quantize, minmax_qparams
 from qat.recipe import PeftSection, RecipeError, load_recipe
 
-from conftest import LLAMA_TINY, make_tiny_llama
+from conftest import LLAMA_TINY, make_tiny_llama, require_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
@@ -122,8 +122,7 @@ def test_separate_base_frozen_on_grid_and_inits():
 # -- end to end on llama-tiny ----------------------------------------------------------------
 @pytest.fixture
 def _tiny(monkeypatch):
-    if not (LLAMA_TINY / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found")
+    require_tiny()
     monkeypatch.chdir(REPO)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import LLAMA_TINY, make_tiny_llama
+from conftest import LLAMA_TINY, make_tiny_llama, require_tiny
 
 pytest.importorskip("bitsandbytes")
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +44,7 @@ def test_nf4_in_quantize_ptq_touches_only_planned_layers():
 
 
 def test_qat_ptq_nf4_and_compare(monkeypatch, tmp_path):
-    if not (LLAMA_TINY / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found")
+    require_tiny()
     monkeypatch.chdir(REPO)
     from qat.cli import main
 

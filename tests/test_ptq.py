@@ -13,6 +13,7 @@ from torch import nn
 from qat.quant.grid import fake_quantize, minmax_qparams, quantize
 from qat.quant.linear import QATLinear
 from qat.quant.scheme import QuantScheme
+from conftest import require_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes/tiny/w4-ovfreeze.yaml"
@@ -118,8 +119,7 @@ def tiny(llama_tiny_path_module):
 
 @pytest.fixture(scope="module")
 def llama_tiny_path_module():
-    if not (LLAMA_TINY / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
+    require_tiny()
     return LLAMA_TINY
 
 

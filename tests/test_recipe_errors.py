@@ -26,8 +26,7 @@ from qat.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
-HAVE_FIXTURES = (REPO.parent / "shared" / "models" / "llama-tiny" / "config.json").is_file()
-needs_fixtures = pytest.mark.skipif(not HAVE_FIXTURES, reason="../shared/models/llama-tiny not found (CI has it)")
+from conftest import HAVE_TINY as HAVE_FIXTURES, needs_tiny as needs_fixtures  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -316,6 +315,7 @@ def test_existing_run_is_kept(tmp_path, capsys):
     assert _digest(old) == before
 
 
+@needs_fixtures
 def test_symlinked_run_file_is_refused(tmp_path, capsys):
     out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
     out.mkdir()

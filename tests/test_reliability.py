@@ -26,16 +26,17 @@ from safetensors.torch import load_file
 import qat.train
 from qat.checkpoint import latest_checkpoint
 from qat.cli import main
+from conftest import require_tiny, needs_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
 FAST = ["data.max_train_tokens=4096", "data.valid_files=null", "train.micro_batch_size=4", "train.log_every=1", "train.warmup_steps=0"]
 
 
 @pytest.fixture(autouse=True)
 def _needs_fixture(monkeypatch):
-    if not (REPO.parent / "shared" / "models" / "llama-tiny" / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
+    require_tiny()
     monkeypatch.chdir(REPO)
 
 

@@ -15,8 +15,10 @@ from safetensors.torch import load_file
 
 from qat.cli import main
 from qat.quant.grid import group_view, quantize
+from conftest import require_tiny, needs_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
 # small and quick: 64 blocks of 128 tokens, batches of 4
 FAST = ["data.max_train_tokens=8192", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "eval.batch_size=8"]
@@ -24,8 +26,7 @@ FAST = ["data.max_train_tokens=8192", "data.max_valid_tokens=2048", "train.micro
 
 @pytest.fixture(autouse=True)
 def _needs_fixture(monkeypatch):
-    if not (REPO.parent / "shared" / "models" / "llama-tiny" / "config.json").is_file():
-        pytest.skip("../shared/models/llama-tiny not found (fixtures live beside the repo; CI has them)")
+    require_tiny()
     monkeypatch.chdir(REPO)  # the recipe's ../shared paths are relative to the repo root
 
 

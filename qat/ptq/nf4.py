@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..deps import require
+
 BLOCKSIZE = 64
 NOTE = (
     "bitsandbytes NF4 (blocksize 64): weights are dequantized NF4 values, NOT on qat's integer grid; "
@@ -27,12 +29,7 @@ NOTE = (
 @torch.no_grad()
 def nf4_roundtrip(w: torch.Tensor, blocksize: int = BLOCKSIZE) -> torch.Tensor:
     """``dequantize_4bit(quantize_4bit(w, nf4, blocksize))`` in ``w``'s dtype and device."""
-    try:
-        import bitsandbytes.functional as F
-    except ImportError:
-        from ..recipe import RecipeError
-
-        raise RecipeError("--method nf4: needs bitsandbytes (pip install 'qat[bnb]')") from None
+    F = require("bitsandbytes.functional", "qat ptq --method nf4")
     src = w.detach()
     work = src if src.dtype in (torch.float32, torch.float16, torch.bfloat16) else src.float()
     q, state = F.quantize_4bit(work.contiguous(), blocksize=blocksize, quant_type="nf4")
