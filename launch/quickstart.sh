@@ -14,7 +14,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0" || python -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
-python -m pip install -q -e .
+python -m pip install -q -e ".[export,plot]"  # export: packed checkpoints; plot: report.png
 start=$(date +%s)
 qat train recipes/quickstart/pretrain.yaml --overwrite
 qat train recipes/quickstart/w4-ovfreeze.yaml output_dir=runs/quickstart/w4-rtn train.max_steps=0 --overwrite

@@ -127,7 +127,7 @@ def run_bits(args) -> int:
     bits_by_layer = {s["name"]: int(b) for s, b in zip(stats, alloc.bits)}
     new_recipe, quant_snippet = allocation_recipe(recipe, bits_by_layer, setup.plan, args.avg_bits)
 
-    scale_bytes = DTYPES[recipe.model.save_dtype or recipe.model.dtype].itemsize
+    scale_bytes = DTYPES[setup.save_dtype].itemsize
     layers = []
     for s, b, bc, bl in zip(stats, alloc.bits, alloc.continuous, alloc.lagrangian_bits):
         sch = setup.plan[s["name"]]

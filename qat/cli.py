@@ -12,7 +12,7 @@ import sys
 
 from .deps import MissingDependency
 from .quant.scheme import QuantConfigError
-from .recipe import RecipeError
+from .recipe import RecipeError, UsageError
 
 COMMANDS = ("qat.train_cli", "qat.export_cli", "qat.ptq_cli", "qat.eval_cli", "qat.compare", "qat.analyze_cli")
 
@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides) + extra
     try:
         return args.func(args) or 0
+    except UsageError as e:
+        print("\n".join(f"qat {args.command}: {line}" for line in str(e).splitlines()), file=sys.stderr)
+        return 2
     except (RecipeError, QuantConfigError) as e:
         lines = str(e).splitlines() or [""]
         print("qat: recipe error:\n" + "\n".join(f"  {line}" for line in lines), file=sys.stderr)

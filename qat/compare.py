@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 import math
 import platform
 import time
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import yaml
 
-from .deps import require
+from .deps import MissingDependency, available, hint, require
 from .recipe import Recipe, RecipeError
 
 
@@ -328,6 +329,9 @@ def log_wandb(recipe: Recipe, report: dict, out: Path) -> None:
     tr = recipe.tracking
     if tr.wandb_project is None or tr.mode == "disabled":
         return
+    if not available("wandb"):
+        print(f"qat: {hint('wandb', 'tracking.wandb_project')}; the comparison is not logged to wandb", file=sys.stderr)
+        return
     try:
         import os
 
@@ -371,11 +375,13 @@ def compare(recipes: list[Recipe], recipe_files: list[str], out: Path, rerun: bo
     (out / "report.md").write_text(report_md(report))
     try:
         report_png(report, out / "report.png")
-    except ImportError:
-        warnings.warn("matplotlib is not installed (pip install 'qat[plot]'): no report.png")
+        made = "json,md,png"
+    except MissingDependency as e:  # the tables are the report; the plot is a view of them
+        print(f"qat: {e}; no report.png", file=sys.stderr)
+        made = "json,md"
     log_wandb(recipes[0], report, out)
     print(table_md(report["rows"]))
-    print(f"report: {out}/report.{{json,md,png}}")
+    print(f"report: {out}/report.{{{made}}}")
     return report
 
 

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from .deps import available, hint
-from .recipe import RecipeError
+from .recipe import RecipeError, UsageError
 
 DEFAULT_SEPARATOR = "\n<|endoftext|>\n"
 
@@ -64,11 +64,11 @@ def looks_local(name: str) -> bool:
 
 def check_args(args, target: Path, recipe) -> list[str]:
     """Every problem with the command line, found before any weights load."""
-    problems = []
     if not target.exists() and looks_local(args.model):
-        problems.append(f"MODEL_OR_RUN_DIR: no such directory: {args.model}")
-    elif target.is_dir() and recipe is None and not (target / "config.json").is_file():
-        problems.append(f"MODEL_OR_RUN_DIR: {args.model} is neither a run directory (with final/) nor a model directory (with config.json)")
+        return [f"no such directory: {args.model}"]
+    if target.is_dir() and recipe is None and not (target / "config.json").is_file():
+        return [f"{args.model} is neither a run directory (with final/) nor a model directory (with config.json)"]
+    problems = []
     if not (args.seq_len or recipe):
         problems.append("--seq-len: required when evaluating a model directory (no recipe to take it from)")
     if not (args.data or recipe):
@@ -90,7 +90,7 @@ def evaluate(args) -> dict:
     recipe = run_recipe(run_dir) if run_dir is not None else None
     problems = check_args(args, target, recipe)
     if problems:
-        raise RecipeError("\n".join(problems))
+        raise UsageError("\n".join(problems))
     seq_len = args.seq_len or recipe.data.seq_len
     if args.data:
         sep = args.doc_separator if args.doc_separator is not None else (recipe.data.doc_separator if recipe else DEFAULT_SEPARATOR)
@@ -98,7 +98,7 @@ def evaluate(args) -> dict:
         try:
             docs = load_documents(section, "train")
         except ValueError as e:
-            raise RecipeError(str(e).replace("data.files", "--data").replace("set data.format", "pass --data-format text|json|parquet")) from None
+            raise UsageError(str(e).replace("data.files", "--data").replace("set data.format", "pass --data-format text|json|parquet")) from None
         what = ", ".join(args.data)
     else:
         try:
@@ -106,7 +106,7 @@ def evaluate(args) -> dict:
         except ValueError as e:
             raise RecipeError(str(e)) from None
         if not docs:
-            raise RecipeError("--data: the run's recipe has no validation split; pass --data")
+            raise UsageError("--data: the run's recipe has no validation split; pass --data")
         what = "the run's validation split"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_dir(run_dir / "final" if run_dir else target if target.exists() else args.model, args.dtype, device)
@@ -117,7 +117,7 @@ def evaluate(args) -> dict:
     try:
         windows = make_windows(token_stream(docs, tokenizer, max_tokens), seq_len, args.stride, max_tokens)
     except ValueError as e:
-        raise RecipeError(f"--seq-len/--stride: {e}") from None
+        raise UsageError(f"--seq-len/--stride: {e}") from None
 
     teacher = None
     teacher_path = args.teacher or (recipe.teacher_path if recipe is not None and recipe.teacher is not None else None)

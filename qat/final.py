@@ -24,6 +24,18 @@ QUANT_FILE = "qat_quant.json"
 QPARAMS_FILE = "qat_qparams.safetensors"
 
 
+def final_dtype(recipe, config) -> str:
+    """The dtype ``final/`` (and so the export) is written in: ``model.save_dtype`` when set, else
+    the source checkpoint's own dtype (bf16 for Llama checkpoints), as llm-compressor writes and
+    vLLM serves (it casts an fp32 config to bf16), else ``model.dtype`` (a from-scratch model).
+    Read from the source config *before* weights load (loading sets the config to the load dtype)."""
+    if recipe.model.save_dtype is not None:
+        return recipe.model.save_dtype
+    source = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) if recipe.model.path else None
+    name = str(source).removeprefix("torch.") if source is not None else None
+    return name if name in ("float32", "bfloat16", "float16") else recipe.model.dtype
+
+
 @torch.no_grad()
 def save_final(model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype) -> dict[str, dict]:
     """Dequantize ``model`` in place (its QATLinear layers become plain Linear layers), cast it

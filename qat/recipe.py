@@ -23,6 +23,10 @@ class RecipeError(ValueError):
     """A recipe problem, already phrased as ``key.path: what was expected``."""
 
 
+class UsageError(RecipeError):
+    """A command-line problem (not the recipe's), phrased as ``--flag: what was expected``."""
+
+
 class _Section(BaseModel):
     # extra keys are errors; floats must be finite (lr=.inf would "validate" and train to NaN)
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)

@@ -33,6 +33,7 @@ from .deps import available, hint, require
 from .data import build_datasets, load_documents, train_tokenizer
 from .distill import distill_loss
 from .eval import perplexity
+from .final import final_dtype
 from .generate import build_run_datasets
 from .lora import apply_lora, init_calibration, save_lora_final
 from .quant import QuantReport, apply_freeze, quantize_model
@@ -443,6 +444,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     with accelerator.main_process_first():
         tokenizer = load_tokenizer(recipe, out, reuse_trained=not main or recipe.checkpoint.resume is not None)
         config = model_config(recipe, tokenizer)
+        save_dtype_name = final_dtype(recipe, config)
         max_pos = getattr(config, "max_position_embeddings", None)
         if max_pos is not None and recipe.data.seq_len > max_pos:
             raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
@@ -471,7 +473,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     report, frozen = build_student_quant(student, recipe, init=resume_from is None)
     student = apply_lora(student, recipe, init_calibration(recipe, train_set))  # peft: LoRA-QAT
     if main:
-        print(report.summary() if report else "no quantization (quant: null): plain fine-tuning")
+        print(report.summary() if report else f"no quantization (quant: null): plain {'fine-tuning' if recipe.model.path else 'pretraining'}")
         if frozen:
             print(f"frozen at their quantized values ({recipe.freeze.policy}): {len(frozen)} layers")
     if t.activation_checkpointing:
@@ -528,75 +530,79 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     student.train()
     if recipe.quant is not None and recipe.quant.start_step and step > recipe.quant.start_step:
         set_fake_quant(student, True)  # resumed past the switch (the checkpoint holds its qparams)
-    while step < max_steps:
-        schedule_transitions(accelerator.unwrap_model(student), recipe, step, main)
-        t_step = time.perf_counter()
-        lr = lr_at(step, recipe, max_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        step_sums, bad = torch.zeros(4, device=accelerator.device), None  # as acc, for this step only
-        for micro in range(t.grad_accum):
-            epoch, idx = plan.indices(step * t.grad_accum + micro)
-            batch = batch_of(train_set, idx, accelerator.device)
-            with accelerator.accumulate(student):
-                loss, kd, ce = loss_on(batch, idx)
-                accelerator.backward(loss)
-                step_sums += torch.stack([loss.detach(), (kd if kd is not None else loss).detach(), ce.detach(), torch.ones_like(ce)])
-                if accelerator.sync_gradients:
-                    grad_norm = _as_float(accelerator.clip_grad_norm_(trainable, t.grad_clip or float("inf")))
-                    bad = nonfinite_step(step_sums, grad_norm, accelerator)
-                    if bad is None:
-                        optimizer.step()
-                optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
-            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-        step += 1
-        pbar.update(1)
-        if bad is not None:  # skipped: no update; the data moves on
-            bad_steps += 1
-            metrics.log({"step": step, "epoch": epoch, "skipped": bad, "bad_steps": bad_steps, "lr": lr, "grad_norm": grad_norm})
-            if bad_steps > t.max_bad_steps:
-                accelerator.end_training()
-                raise TrainingStopped(
-                    f"step {step}: {bad}; {bad_steps} steps skipped, more than train.max_bad_steps={t.max_bad_steps}, so "
-                    f"the run stopped. No skipped step updated the weights, and the last complete checkpoint "
-                    f"({latest_checkpoint(out / 'checkpoints') or 'none: checkpoint.every is 0 or not reached'}) is intact"
-                )
-            if main:
-                warnings.warn(f"step {step}: {bad}, step skipped ({bad_steps} of at most train.max_bad_steps={t.max_bad_steps})")
-        else:
-            acc += step_sums
+    try:  # the bar is closed before any message that ends the run (Ctrl-C, a stop) is printed
+        while step < max_steps:
+            schedule_transitions(accelerator.unwrap_model(student), recipe, step, main)
+            t_step = time.perf_counter()
+            lr = lr_at(step, recipe, max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            step_sums, bad = torch.zeros(4, device=accelerator.device), None  # as acc, for this step only
+            for micro in range(t.grad_accum):
+                epoch, idx = plan.indices(step * t.grad_accum + micro)
+                batch = batch_of(train_set, idx, accelerator.device)
+                with accelerator.accumulate(student):
+                    loss, kd, ce = loss_on(batch, idx)
+                    accelerator.backward(loss)
+                    step_sums += torch.stack([loss.detach(), (kd if kd is not None else loss).detach(), ce.detach(), torch.ones_like(ce)])
+                    if accelerator.sync_gradients:
+                        grad_norm = _as_float(accelerator.clip_grad_norm_(trainable, t.grad_clip or float("inf")))
+                        bad = nonfinite_step(step_sums, grad_norm, accelerator)
+                        if bad is None:
+                            optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
+                tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+            step += 1
+            pbar.update(1)
+            if bad is not None:  # skipped: no update; the data moves on
+                bad_steps += 1
+                metrics.log({"step": step, "epoch": epoch, "skipped": bad, "bad_steps": bad_steps, "lr": lr, "grad_norm": grad_norm})
+                if bad_steps > t.max_bad_steps:
+                    accelerator.end_training()
+                    raise TrainingStopped(
+                        f"step {step}: {bad}; {bad_steps} steps skipped, more than train.max_bad_steps={t.max_bad_steps}, so "
+                        f"the run stopped. No skipped step updated the weights, and the last complete checkpoint "
+                        f"({latest_checkpoint(out / 'checkpoints') or 'none: checkpoint.every is 0 or not reached'}) is intact"
+                    )
+                if main:
+                    warnings.warn(f"step {step}: {bad}, step skipped ({bad_steps} of at most train.max_bad_steps={t.max_bad_steps})")
+            else:
+                acc += step_sums
 
-        do_eval = valid_set is not None and recipe.eval.every and step % recipe.eval.every == 0 and step < max_steps
-        if (step % t.log_every == 0 or step == max_steps or do_eval) and acc[3].item() > 0:
-            mean = accelerator.reduce(acc, reduction="mean")
-            now = time.perf_counter()
-            row = {
-                "step": step,
-                "epoch": epoch,
-                "loss": (mean[0] / mean[3]).item(),
-                "kd_loss": (mean[1] / mean[3]).item() if teacher is not None or cache is not None else None,
-                "ce_loss": (mean[2] / mean[3]).item(),
-                "lr": lr,
-                "grad_norm": grad_norm,
-                "tokens_per_s": tokens / (now - t_log),
-                "step_time_s": now - t_step,
-                "peak_mem_gb": peak_memory_gb(accelerator.device),
-            }
-            if do_eval:
-                v = perplexity(student, valid_set, recipe.eval.batch_size, recipe.eval.max_batches, accelerator=accelerator)
-                row.update(val_ppl=v["ppl"], val_loss=v["nll"])
-            metrics.log(row)
-            pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
-            acc.zero_()
-            tokens, t_log = 0, time.perf_counter()
-        if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
-            save_checkpoint(accelerator, out / "checkpoints", step, {"max_steps": max_steps, "bad_steps": bad_steps}, recipe.checkpoint.keep)
-    pbar.close()
+            do_eval = valid_set is not None and recipe.eval.every and step % recipe.eval.every == 0 and step < max_steps
+            if (step % t.log_every == 0 or step == max_steps or do_eval) and acc[3].item() > 0:
+                mean = accelerator.reduce(acc, reduction="mean")
+                now = time.perf_counter()
+                row = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": (mean[0] / mean[3]).item(),
+                    "kd_loss": (mean[1] / mean[3]).item() if teacher is not None or cache is not None else None,
+                    "ce_loss": (mean[2] / mean[3]).item(),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": tokens / (now - t_log),
+                    "step_time_s": now - t_step,
+                    "peak_mem_gb": peak_memory_gb(accelerator.device),
+                }
+                if do_eval:
+                    v = perplexity(student, valid_set, recipe.eval.batch_size, recipe.eval.max_batches, accelerator=accelerator)
+                    row.update(val_ppl=v["ppl"], val_loss=v["nll"])
+                    if main:
+                        pbar.write(f"step {step}: validation perplexity {v['ppl']:.4f} (loss {v['nll']:.4f})")
+                metrics.log(row)
+                pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                acc.zero_()
+                tokens, t_log = 0, time.perf_counter()
+            if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
+                save_checkpoint(accelerator, out / "checkpoints", step, {"max_steps": max_steps, "bad_steps": bad_steps}, recipe.checkpoint.keep)
+    finally:
+        pbar.close()
 
     # final/: the full state (gathered when sharded) loaded into a fresh copy of the student on
     # the main process, dequantized and saved in plain HF layout. eval.json: final/ as loaded from
     # disk vs the teacher, evaluated on all processes.
-    save_dtype = DTYPES[recipe.model.save_dtype or recipe.model.dtype]
+    save_dtype = DTYPES[save_dtype_name]
     state = accelerator.get_state_dict(student)
     if recipe.train.compile:  # torch.compile's wrapper prefixes every key
         state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
@@ -614,7 +620,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
         from .eval_cli import load_model_dir
 
         ev = recipe.eval
-        final, _ = load_model_dir(out / "final", recipe.model.save_dtype or recipe.model.dtype, str(accelerator.device))
+        final, _ = load_model_dir(out / "final", "float32", str(accelerator.device))  # exact weights, fp32 arithmetic
         result["student"] = perplexity(final, valid_set, ev.batch_size, ev.max_batches, teacher=teacher, accelerator=accelerator, desc="eval final/")
         if teacher is not None:
             result["teacher"] = perplexity(teacher, valid_set, ev.batch_size, ev.max_batches, accelerator=accelerator, desc="eval teacher")

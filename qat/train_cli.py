@@ -38,7 +38,8 @@ def run(args) -> int:
             print(f"qat: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, where the run can pick up again
-        print(f"\nqat: interrupted. {resume_hint(recipe, args)}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"\nqat: interrupted. {resume_hint(recipe, args)}", file=sys.stderr)
         return 130
     print(f"run directory: {out}")
     return 0

@@ -137,7 +137,7 @@ def tiny_setup(bits: int, group: int = 32, seed: int = 0) -> Setup:
     g = torch.Generator().manual_seed(seed)
     calib = TokenBlocks(torch.randint(0, 256, (4, 32), generator=g))
     valid = TokenBlocks(torch.randint(0, 256, (4, 32), generator=g))
-    return Setup(model, plan, calib, valid, "random tokens", torch.device("cpu"))
+    return Setup(model, plan, calib, valid, "random tokens", torch.device("cpu"), "float32")
 
 
 def test_layer_names_types_and_depths():

@@ -27,6 +27,7 @@ from collections import defaultdict
 
 import torch
 
+from ..deps import available
 from ..quant import QATLinear
 from .setup import layer_depth, layer_type, mean_nll, quantized, squared_grads
 
@@ -244,10 +245,10 @@ def table_md(result: dict, title: str) -> str:
 
 def heatmap_png(result: dict, path, title: str) -> bool:
     """Types x depth heatmaps of the per-layer quantities; ``False`` when matplotlib is missing."""
-    try:
-        import matplotlib
-    except ImportError:
+    if not available("matplotlib"):
         return False
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np

@@ -29,6 +29,7 @@ class Setup:
     valid: object  # TokenBlocks (held-out; the calibration blocks when the recipe has no validation split)
     valid_what: str
     device: torch.device
+    save_dtype: str  # what final/ and the export would be written in (qat.final.final_dtype)
 
 
 def layer_type(name: str) -> str:
@@ -58,7 +59,10 @@ def load_setup(recipe: Recipe, calib_sequences: int, valid_tokens: int, device: 
         raise RecipeError("quant: the analysis needs a quant section (the scheme to quantize to)")
     if recipe.model.path is None:
         raise RecipeError("model.path: the analysis needs a pretrained model; this recipe builds one from scratch")
+    from ..final import final_dtype
+
     _, config, plan, train_set, valid_set = load_plan_and_data(recipe, Path(recipe.output_dir))
+    save_dtype = final_dtype(recipe, config)
     calib = calibration_blocks(train_set, calib_sequences * train_set.seq_len, recipe.train.seed)
     if valid_set is not None:
         valid, what = heldout_blocks(valid_set, valid_tokens), "validation split"
@@ -67,7 +71,7 @@ def load_setup(recipe: Recipe, calib_sequences: int, valid_tokens: int, device: 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_student(recipe.model_copy(update={"model": recipe.model.model_copy(update={"dtype": "float32"})}), config)
     model.to(dev).eval()
-    return Setup(model, plan, calib, valid, what, dev)
+    return Setup(model, plan, calib, valid, what, dev, save_dtype)
 
 
 @contextmanager

@@ -222,7 +222,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
     """Quantize the recipe's model with ``method`` and write the run directory (see module doc)."""
     from ..diagnostic import effective_weights, heldout_blocks, layer_output_errors, mean_error
     from ..eval import perplexity
-    from ..final import save_final
+    from ..final import final_dtype, save_final
     from ..eval_cli import load_model_dir
     from ..train import DTYPES, load_models
 
@@ -255,6 +255,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
         calib = calibration_blocks(train_set, budget, recipe.train.seed)
         print(f"{method}: calibrating on {calib.n_tokens} tokens in {len(calib)} sequences ({why})")
 
+    save_dtype_name = final_dtype(recipe, config)  # from the source config, before loading changes it
     student, teacher = load_models(recipe, config)
     student.eval().requires_grad_(False)
     # hidden states of the calibration set, twice (a block's inputs and its outputs)
@@ -270,7 +271,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
     timings["quantize_s"] = quant_time
     t_phase = time.perf_counter()
 
-    save_dtype = DTYPES[recipe.model.save_dtype or recipe.model.dtype]
+    save_dtype = DTYPES[save_dtype_name]
     final_dir = out / "final"
     save_final(student, tokenizer, final_dir, save_dtype)
     if method == "nf4":
@@ -307,7 +308,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
     }
     if valid_set is not None:  # final/ as loaded from disk (with its adapter), as qat train evaluates it
         ev = recipe.eval
-        model, _ = load_model_dir(final_dir, recipe.model.save_dtype or recipe.model.dtype, str(device))
+        model, _ = load_model_dir(final_dir, "float32", str(device))  # exact weights, fp32 arithmetic
         if teacher is not None:
             teacher.to(device)
         t_phase = time.perf_counter()

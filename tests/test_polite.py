@@ -1,0 +1,104 @@
+"""What a new user mistypes ends in one or two lines and exit code 2 (Ctrl-C: 130), no traceback.
+
+None of these needs the ../shared fixtures: the from-scratch quickstart recipe stands in for a model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qat.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+PRETRAIN = str(REPO / "recipes/quickstart/pretrain.yaml")
+SMALL = ["data.max_train_tokens=20000", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "tokenizer.train_vocab_size=300",
+         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
+         "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=1"]
+
+
+def short(err: str, lines: int = 2) -> str:
+    assert "Traceback" not in err, err
+    assert 1 <= len(err.strip().splitlines()) <= lines, err
+    return err
+
+
+def test_eval_of_a_mistyped_run_is_never_sent_to_the_hub(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # would retry the hub for ~1 minute if it were asked
+    for typo in ("runs/typo", "./typo", "a/b/c", "~/no-such-qat-run-xyz"):
+        t0 = time.perf_counter()
+        assert main(["eval", typo]) == 2, typo
+        assert time.perf_counter() - t0 < 5, typo
+        assert f"no such directory: {typo}" in short(capsys.readouterr().err), typo
+
+
+def test_eval_reports_every_missing_argument_at_once(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")  # no weights: nothing may load before the check
+    assert main(["eval", str(model)]) == 2
+    err = capsys.readouterr().err
+    assert "--seq-len: required" in err and "--data: required" in err, err
+    assert "Traceback" not in err
+
+
+def test_eval_unknown_data_format_names_the_flag(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    data = tmp_path / "corpus.dat"
+    data.write_text("some text\n")
+    assert main(["eval", str(model), "--seq-len", "8", "--data", str(data)]) == 2
+    err = short(capsys.readouterr().err)
+    assert "--data-format" in err and "data.format" not in err, err
+
+
+def test_unknown_recipe_key_suggests_the_closest(tmp_path, capsys):
+    assert main(["train", PRETRAIN, f"output_dir={tmp_path / 'x'}", "train.lrr=1e-3", "lr=2", "quant.bitz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lrr: unknown key (did you mean train.lr?)" in err
+    assert "lr: unknown key (did you mean train.lr?)" in err
+    assert "quant.bitz: unknown key (did you mean quant.bits?)" in err
+
+
+def test_multi_process_launch_without_cpu_flag_is_one_line(tmp_path, capsys, monkeypatch):
+    """What `accelerate launch --multi_gpu --num_processes 2` gives each rank on a machine without
+    GPUs: WORLD_SIZE=2, but Accelerate (no ACCELERATE_USE_CPU) sees one process."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    out = tmp_path / "run"
+    assert main(["train", PRETRAIN, f"output_dir={out}", *SMALL]) == 2
+    err = short(capsys.readouterr().err, 1)
+    assert "ACCELERATE_USE_CPU=1" in err and not out.exists()
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "qat", "train", PRETRAIN, f"output_dir={out}", *SMALL, "train.max_steps=100000",
+            "checkpoint.every=1", "train.log_every=1000", "eval.every=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not list((out / "checkpoints").glob("step-*")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err, err[-3000:]
+    assert "qat: interrupted. Last checkpoint:" in last and "checkpoint.resume=auto" in last, last
+    step = last.split("Last checkpoint: ")[1].split(";")[0]
+    assert Path(step).is_dir() and Path(step).parent == out / "checkpoints", last
