@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .deps import MissingDependency
@@ -25,6 +26,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_libraries() -> None:
+    """qat shows its own progress (training steps, evaluation, calibration blocks); the bars of the
+    libraries underneath (transformers' "Loading weights" / "Writing model shards", datasets'
+    "Flattening the indices") repeat for every model and split and are turned off.
+    ``QAT_LIBRARY_PROGRESS=1`` keeps them (e.g. to watch a 70B checkpoint load)."""
+    if os.environ.get("QAT_LIBRARY_PROGRESS") == "1":
+        return
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    import datasets.utils.logging
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -32,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
+    quiet_libraries()
     try:
         return args.func(args) or 0
     except UsageError as e:

@@ -48,7 +48,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .deps import require
+from .deps import available, require
 from .final import QPARAMS_FILE, QUANT_FILE
 from .quant.grid import dequantize, minmax_qparams, quantize
 from .quant.linear import QuantizedWeight
@@ -686,21 +686,34 @@ def export(
         info["verify"] = verify_export(out, fmt, final, merged=merge)
         v = info["verify"]
         log(f"verify: {v['what']}: max abs difference {v['max_abs_diff']:.3g} ({'identical' if v['identical'] else 'DIFFERENT'})")
+        if "loader" in v:
+            log(f"verify: {v['loader']}")
     if run is not None:
         record_eval(run, fmt, info)
     return info
 
 
+GPTQ_LOADER = ("optimum", "gptqmodel")  # what transformers' GPTQ loader imports (gptqmodel 7.7 wants torch >= 2.14.1)
+
+
+def gptq_loader_missing() -> list[str]:
+    """The packages transformers needs to load a GPTQ checkpoint that are not installed."""
+    return [p for p in GPTQ_LOADER if not available(p)]
+
+
 @torch.no_grad()
 def verify_export(out: Path, fmt: str, final: Path, merged: bool = False) -> dict:
-    """Load the export back and compare with final/: logits (compressed-tensors, fake) or the
-    unpacked GPTQ tensors against final/'s weights (transformers' GPTQ loader needs optimum +
-    gptqmodel, which qat does not depend on)."""
+    """Load the export back and compare with final/: logits (compressed-tensors, fake); for GPTQ the
+    unpacked tensors against final/'s weights (bit for bit) and, when optimum and gptqmodel are
+    installed, the logits of transformers' own GPTQ loader (its kernels compute in their own
+    precision, so that difference is reported, not required to be 0)."""
     from transformers import AutoModelForCausalLM
 
     if merged:
         return {"what": "skipped (a merged export differs from final/ by design)", "max_abs_diff": float("nan"), "identical": False}
     ref = AutoModelForCausalLM.from_pretrained(final).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 64), generator=g)
     if fmt == "gptq":
         from safetensors.torch import load_file
 
@@ -710,10 +723,18 @@ def verify_export(out: Path, fmt: str, final: Path, merged: bool = False) -> dic
         worst = 0.0
         for name, w in gptq_dequantize(state).items():
             worst = max(worst, (w.float() - ref.get_submodule(name).weight.float()).abs().max().item())
-        return {"what": "gptq tensors unpacked vs final/ weights", "max_abs_diff": worst, "identical": worst == 0.0}
+        res = {"what": "gptq tensors unpacked vs final/ weights", "max_abs_diff": worst, "identical": worst == 0.0}
+        missing = gptq_loader_missing()
+        if missing:
+            res["loader"] = (f"not run: transformers loads GPTQ through optimum and gptqmodel; missing {', '.join(missing)} "
+                             "(pip install optimum gptqmodel)")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+            d = (_logits(model, ids) - _logits(ref, ids)).abs().max().item()
+            res["loader"] = f"transformers + optimum + gptqmodel: logits vs final/ on 2 x 64 tokens, max abs difference {d:.3g}"
+            res["loader_max_abs_diff"] = d
+        return res
     model = AutoModelForCausalLM.from_pretrained(out).eval()
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, ref.config.vocab_size, (2, 64), generator=g)
     d = (_logits(model, ids) - _logits(ref, ids)).abs().max().item()
     return {"what": "logits of the export (transformers) vs final/ on 2 x 64 tokens", "max_abs_diff": d, "identical": d == 0.0}
 

@@ -524,7 +524,7 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
 
     from tqdm.auto import tqdm
 
-    pbar = tqdm(total=max_steps, initial=step, disable=not main, desc="qat train", dynamic_ncols=True)
+    pbar = tqdm(total=max_steps, initial=step, disable=not main or step >= max_steps, desc="qat train", dynamic_ncols=True)
     acc = torch.zeros(4, device=accelerator.device)  # loss, kd, ce, micro-batches since last log
     tokens, t_log, grad_norm = 0, time.perf_counter(), float("nan")
     student.train()

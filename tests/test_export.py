@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 pytest.importorskip("compressed_tensors")
 
 from qat.cli import build_parser, main  # noqa: E402
-from qat.quant.grid import dequantize  # noqa: E402
+from qat.quant.grid import dequantize, quantize  # noqa: E402
 from conftest import require_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,6 +198,35 @@ def test_mixed_precision_with_asymmetric_layers_refused(runs, tmp_path, capsys):
     assert "mixed precision" in err and "asymmetric" in err and "--format fake" in err
 
 
+def test_final_defaults_to_the_source_checkpoint_dtype(tmp_path):
+    """llama-tiny ships in bf16, so with no model.save_dtype final/ and its export are bf16 (what
+    llm-compressor writes and vLLM serves), still exactly on the grid; float32 stays available."""
+    require_tiny()
+    assert json.loads((SHARED / "models" / "llama-tiny" / "config.json").read_text()).get("dtype") == "bfloat16"
+    out = tmp_path / "default"
+    assert main(["train", TINY_RECIPE, f"output_dir={out}", *_paths(), *QUICK, *NO_TEACHER, "train.max_steps=0"]) == 0
+    final = load_file(str(out / "final" / "model.safetensors"))
+    qparams = load_file(str(out / "final" / "qat_qparams.safetensors"))
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    assert {t.dtype for t in qparams.values()} == {torch.bfloat16}
+    assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    name = "model.layers.1.mlp.down_proj"
+    w, scale, zero = final[f"{name}.weight"], qparams[f"{name}.weight_scale"], qparams[f"{name}.weight_zero_point"]
+    codes = quantize(w.float(), scale.float(), zero.float(), 4, True, 64)
+    assert torch.equal(dequantize(codes, scale, zero, 64, torch.bfloat16), w)  # on the grid, in bf16 arithmetic
+    assert export(out, tmp_path / "ct") == 0
+    info = json.loads((out / "eval.json").read_text())["export"]["compressed-tensors"]
+    # the embeddings and lm_head (71 % of llama-tiny) stay bf16; the int4 g64 layers take
+    # (4 + 16 / 64) / 16 = 0.27 of bf16 (an fp32 export was 1.09 x bf16 in all)
+    assert info["dtype"] == "bfloat16" and info["ratio_vs_bf16"] < 0.85, info
+    assert info["quantized_layers_bytes"] / info["quantized_layers_bf16_bytes"] < 0.28, info
+
+    fp32 = tmp_path / "fp32"
+    assert main(["train", TINY_RECIPE, f"output_dir={fp32}", *_paths(), *QUICK, *NO_TEACHER, "train.max_steps=0",
+                 "model.save_dtype=float32"]) == 0
+    assert {t.dtype for t in load_file(str(fp32 / "final" / "model.safetensors")).values()} == {torch.float32}
+
+
 def test_verify_flag_and_overwrite(runs, tmp_path, capsys):
     run = runs(4, 64, True)
     assert export(run, tmp_path / "ct", "compressed-tensors", "--verify") == 0
@@ -205,6 +234,35 @@ def test_verify_flag_and_overwrite(runs, tmp_path, capsys):
     assert export(run, tmp_path / "ct", "compressed-tensors") == 2  # not over an existing export
     assert "--overwrite" in capsys.readouterr().err
     assert export(run, tmp_path / "ct", "compressed-tensors", "--overwrite") == 0
+
+
+def test_gptq_verify_says_what_the_real_loader_needs(runs, tmp_path, capsys):
+    from qat.export import gptq_loader_missing
+
+    run = runs(4, 64, True)
+    assert export(run, tmp_path / "gptq", "gptq", "--verify") == 0
+    out = capsys.readouterr().out
+    assert "gptq tensors unpacked vs final/ weights: max abs difference 0 (identical)" in out
+    missing = gptq_loader_missing()
+    if missing:
+        assert f"verify: not run: transformers loads GPTQ through optimum and gptqmodel; missing {', '.join(missing)}" in out
+    else:
+        assert "verify: transformers + optimum + gptqmodel: logits vs final/" in out
+
+
+@pytest.mark.skipif(bool(__import__("qat.export", fromlist=["x"]).gptq_loader_missing()),
+                    reason="transformers' GPTQ loader needs optimum and gptqmodel (gptqmodel 7.7 wants torch >= 2.14.1)")
+def test_gptq_export_loads_in_plain_transformers(runs, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    run = runs(4, 64, True)
+    assert export(run, tmp_path / "gptq", "gptq") == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", device_map="cpu").eval()
+    ref = AutoModelForCausalLM.from_pretrained(run / "final").eval()
+    ids = torch.randint(0, ref.config.vocab_size, (1, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits.float(), ref(input_ids=ids).logits.float()
+    assert (a - b).abs().max() < 0.05 * b.abs().max()  # GPTQ kernels compute in their own precision
 
 
 # -- GPTQ v1 ------------------------------------------------------------------------------------
