@@ -553,7 +553,6 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
                     optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
                 tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
             step += 1
-            pbar.update(1)
             if bad is not None:  # skipped: no update; the data moves on
                 bad_steps += 1
                 metrics.log({"step": step, "epoch": epoch, "skipped": bad, "bad_steps": bad_steps, "lr": lr, "grad_norm": grad_norm})
@@ -591,9 +590,10 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
                     if main:
                         pbar.write(f"step {step}: validation perplexity {v['ppl']:.4f} (loss {v['nll']:.4f})")
                 metrics.log(row)
-                pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}")
+                pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)  # shown by the update below
                 acc.zero_()
                 tokens, t_log = 0, time.perf_counter()
+            pbar.update(1)
             if recipe.checkpoint.every and step % recipe.checkpoint.every == 0:
                 save_checkpoint(accelerator, out / "checkpoints", step, {"max_steps": max_steps, "bad_steps": bad_steps}, recipe.checkpoint.keep)
     finally:

@@ -41,7 +41,8 @@ def run(args) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"\nqat: interrupted. {resume_hint(recipe, args)}", file=sys.stderr)
         return 130
-    print(f"run directory: {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"run directory: {out}")
     return 0
 
 
