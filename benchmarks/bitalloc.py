@@ -9,7 +9,7 @@ weight), on the recipe's group size (tiny g64, small g128), symmetric:
 - ``uniform``: every layer at the target (3.0), or at the integers bracketing it (2.5 -> W2, W3:
   uniform 2.5 does not exist on the {2, 3, 4, 8} grid).
 
-Each allocation is written as a recipe (``qat.analyze_cli.allocation_recipe``) and quantized with
+Each allocation is written as a recipe (``qat.analyze.report.allocation_recipe``) and quantized with
 ``qat ptq --method rtn`` and ``--method gptq``; perplexity of ``final/`` on the recipe's validation
 split (first ``--valid-tokens`` tokens), bits per weight with the bf16 scales (``eval.json``).
 
@@ -45,8 +45,8 @@ def main() -> int:
 
     from qat.analyze.bitalloc import allocate, layer_stats
     from qat.analyze.setup import load_setup
-    from qat.analyze_cli import allocation_recipe
-    from qat.eval import perplexity
+    from qat.analyze.report import allocation_recipe
+    from qat.evaluate.perplexity import perplexity
     from qat.ptq import run_ptq
     from qat.recipe import load_recipe
 

@@ -95,7 +95,11 @@ def probe(recipe_path: str, overrides: list[str]) -> int:
     from qat.distill import kd_loss
     from qat.quant.linear import QATLinear
     from qat.recipe import load_recipe
-    from qat.train import _as_float, build_optimizer, build_student_quant, load_models, load_tokenizer, make_accelerator, model_config
+    from qat.train.loop import _as_float
+    from qat.train.optim import build_optimizer
+    from qat.train.tracking import make_accelerator
+    from qat.policy import build_student_quant
+    from qat.io.models import load_models, load_tokenizer, model_config
 
     recipe = load_recipe(recipe_path, overrides)
     out = Path(recipe.output_dir)

@@ -1,6 +1,6 @@
 """Training-step time of plain fine-tuning vs QAT variants, measured side by side in one process.
 
-Variants (each one optimizer step on the same batch, as in ``qat/train.py``: forward under
+Variants (each one optimizer step on the same batch, as in ``qat/train/loop.py``: forward under
 autocast, ``qat.distill.distill_loss``, backward, grad-norm clip 1.0, AdamW step, zero_grad):
 
   plain          (a) fine-tuning, CE
@@ -8,9 +8,9 @@ autocast, ``qat.distill.distill_loss``, backward, grad-norm clip 1.0, AdamW step
                      the fake-quant implementation is ``--kernel`` (auto: compiled on CUDA)
   qat-eager / qat-compile   (b) with the kernel forced (to compare the two)
   qat-kd         (c) (b) + teacher forward (frozen copy in --teacher-dtype) + forward-KL KD loss
-  qat-kd-cached  (c-cached) (b) + KD from the teacher's top-k (``qat.teacher_cache.teacher_topk``,
+  qat-kd-cached  (c-cached) (b) + KD from the teacher's top-k (``qat.distill.teacher_cache.teacher_topk``,
                      computed once before timing and kept on the device: the loss cost, not the disk read)
-  qat-lora       (d) (b) with every quantized layer frozen on its grid + a LoRA adapter (``qat.lora.apply_lora``)
+  qat-lora       (d) (b) with every quantized layer frozen on its grid + a LoRA adapter (``qat.train.lora.apply_lora``)
   torchao        torchao's QAT (IntxFakeQuantizeConfig int4 g128, ``quantize_``), CE, when torchao imports
 
 Variants are timed round-robin (the starting variant rotates every round) after ``--warmup``
@@ -156,13 +156,13 @@ def build_variants(names, args, device) -> tuple[dict[str, Variant], nn.Module, 
             out[name] = Variant(name, qat_shared(), shared_opt, kernel=args.kernel, teacher=get_teacher())
         elif name == "qat-kd-cached":
             try:
-                from qat.teacher_cache import teacher_topk
+                from qat.distill.teacher_cache import teacher_topk
             except ImportError as e:
-                notes.append(f"qat-kd-cached skipped: qat.teacher_cache not importable ({e})")
+                notes.append(f"qat-kd-cached skipped: qat.distill.teacher_cache not importable ({e})")
                 continue
             out[name] = Variant(name, qat_shared(), shared_opt, kernel=args.kernel, topk=("pending", teacher_topk))
         elif name == "qat-lora":
-            from qat.lora import apply_lora
+            from qat.train.lora import apply_lora
 
             m = copy.deepcopy(base)
             quantize_model(m, scheme)

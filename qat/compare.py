@@ -6,7 +6,7 @@ when their run directory is complete and was made from the same recipe (``--reru
 runs). A PTQ run directory made from a different recipe is redone in place (those directories
 belong to ``compare``); a QAT run from a different recipe is never replaced without ``--rerun``. All of them are evaluated by the same code on the same validation blocks (``eval.json``);
 the FP row is the teacher on those blocks. The per-layer relative output error of every variant
-is measured on the same held-out tokens with the teacher's inputs (``qat/diagnostic.py``).
+is measured on the same held-out tokens with the teacher's inputs (``qat/evaluate/diagnostic.py``).
 
 Writes to ``--out`` (default ``<output_dir>-compare`` for one recipe, ``<runs root>/compare`` for
 several; ``--runs-root DIR`` moves every recipe's runs to ``DIR/<basename of output_dir>``): ``report.json`` (every number, per-layer errors included), ``report.md`` (method, bits,
@@ -19,17 +19,26 @@ from __future__ import annotations
 
 import datetime
 import json
-import sys
 import math
 import platform
+import sys
 import time
 import warnings
 from pathlib import Path
 
+import torch
 import yaml
 
+from .data import build_datasets
+from .data.plans import heldout_blocks
 from .deps import MissingDependency, available, hint, require
-from .recipe import Recipe, RecipeError
+from .evaluate.diagnostic import bits_per_weight, layer_output_errors, local_vs_global_inversions, mean_error
+from .evaluate.perplexity import perplexity
+from .io.final import effective_weights
+from .io.models import load_teacher, load_tokenizer
+from .ptq import default_run_dir, run_ptq
+from .recipe import Recipe, RecipeError, validate
+from .train.loop import train
 
 
 # -- runs ---------------------------------------------------------------------------------
@@ -52,7 +61,6 @@ def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None
     result = json.loads(ev.read_text())
     if method is not None and result.get("method") != method:
         return None
-    from .recipe import validate
 
     try:  # through the current schema, so keys added since (with their defaults) compare equal
         old = validate(yaml.safe_load(rp.read_text()) or {})
@@ -64,8 +72,6 @@ def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None
 
 
 def run_or_reuse_ptq(recipe: Recipe, method: str, rerun: bool) -> tuple[Path, dict, bool]:
-    from .ptq import default_run_dir, run_ptq
-
     d = default_run_dir(recipe, method)
     ev = None if rerun else reusable(d, recipe, "ptq", method)
     if ev is not None:
@@ -75,8 +81,6 @@ def run_or_reuse_ptq(recipe: Recipe, method: str, rerun: bool) -> tuple[Path, di
 
 
 def run_or_reuse_qat(recipe: Recipe, rerun: bool) -> tuple[Path, dict, bool]:
-    from .train import train
-
     d = Path(recipe.output_dir)
     ev = None if rerun else reusable(d, recipe, "qat")
     if ev is not None:
@@ -104,46 +108,45 @@ def scheme_label(recipe: Recipe) -> str:
 
 # -- one recipe ---------------------------------------------------------------------------
 def compare_recipe(recipe: Recipe, rerun: bool = False, with_qat: bool = True) -> dict:
-    """Run or reuse every variant of one recipe; returns ``{"rows", "layer_errors", ...}``."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .data import build_datasets
-    from .diagnostic import bits_per_weight, effective_weights, heldout_blocks, layer_output_errors, mean_error
-    from .eval import perplexity
-    from .train import DTYPES
-
+    """Run or reuse every variant of one recipe, then measure them side by side: the FP teacher,
+    each variant's perplexity / KL (from its eval.json) and its per-layer output errors on the
+    same held-out tokens. Returns ``{"rows", "layer_errors", ...}``."""
     if recipe.quant is None or recipe.teacher is None or recipe.model.path is None:
         raise RecipeError("compare: the recipe needs model.path, a teacher and a quant section")
     if not recipe.data.valid_files and not recipe.data.valid_split and not recipe.data.valid_fraction:
         raise RecipeError("data: compare needs a validation split (data.valid_files, valid_split or valid_fraction)")
     label = scheme_label(recipe)
-    runs: dict[str, tuple[Path, dict, bool]] = {}
-    for method in recipe.ptq.methods:
-        runs[method] = run_or_reuse_ptq(recipe, method, rerun)
+    runs: dict[str, tuple[Path, dict, bool]] = {m: run_or_reuse_ptq(recipe, m, rerun) for m in recipe.ptq.methods}
     if with_qat:
         runs["qat"] = run_or_reuse_qat(recipe, rerun)
-
-    tok = AutoTokenizer.from_pretrained(recipe.tokenizer_path)
-    _, valid = build_datasets(recipe.data.model_copy(update={"max_train_tokens": recipe.data.seq_len}), tok, seed=recipe.train.seed)
+    _, valid = build_datasets(recipe.data.model_copy(update={"max_train_tokens": recipe.data.seq_len}), load_tokenizer(recipe), seed=recipe.train.seed)
     device = torch.device(recipe.ptq.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher_path, dtype=DTYPES[recipe.teacher.dtype]).to(device).eval()
+    teacher = load_teacher(recipe, device)
+    fp, fp_source = fp_reference(recipe, label, runs, teacher, valid)
+    held = heldout_blocks(valid, recipe.ptq.diag_tokens)
+    errors = local_errors(recipe, label, runs, teacher, held)
+    del teacher
+    rows = [fp_row(recipe, label, fp, fp_source)] + [variant_row(recipe, label, m, run, fp, errors[m]) for m, run in runs.items()]
+    return {"recipe": label, "fp_source": fp_source, "diag_tokens": held.n_tokens, "rows": rows, "layer_errors": errors}
 
-    # FP: the teacher on the same blocks (from the runs' eval.json when they have it)
+
+def fp_reference(recipe: Recipe, label: str, runs: dict, teacher, valid) -> tuple[dict, str]:
+    """The teacher's perplexity on the validation blocks: from the runs' eval.json when they have
+    it (warning when they disagree), else computed."""
     fps = [ev["teacher"] for _, ev, _ in runs.values() if "teacher" in ev]
     if fps:
         fp = fps[0]
         spread = max(abs(f["ppl"] - fp["ppl"]) / fp["ppl"] for f in fps)
         if spread > 1e-4:
             warnings.warn(f"{label}: the runs report teacher perplexities that differ by {spread:.2e} (different eval settings?)")
-        fp_source = "reused from the runs' eval.json"
-    else:
-        ev = recipe.eval
-        fp = perplexity(teacher, valid, ev.batch_size, ev.max_batches, desc="eval teacher")
-        fp_source = "computed"
+        return fp, "reused from the runs' eval.json"
+    ev = recipe.eval
+    return perplexity(teacher, valid, ev.batch_size, ev.max_batches, desc="eval teacher"), "computed"
 
-    # local errors on the same held-out tokens for every variant
-    held = heldout_blocks(valid, recipe.ptq.diag_tokens)
+
+def local_errors(recipe: Recipe, label: str, runs: dict, teacher, held) -> dict[str, dict[str, float]]:
+    """Per-layer output errors of every variant on the same held-out tokens (reused from a run's
+    eval.json when it measured them on exactly these tokens)."""
     errors: dict[str, dict[str, float]] = {}
     todo = {}
     for m, (d, ev, _) in runs.items():
@@ -153,49 +156,49 @@ def compare_recipe(recipe: Recipe, rerun: bool = False, with_qat: bool = True) -
             todo[m] = effective_weights(d / "final")
     if todo:
         errors.update(layer_output_errors(teacher, todo, held, recipe.eval.batch_size, desc=f"layer errors {label}"))
-    del teacher
+    return errors
 
-    rows = [
-        {
-            "recipe": label,
-            "method": "fp (teacher)",
-            "bits": {"float32": 32, "bfloat16": 16, "float16": 16}[recipe.teacher.dtype],
-            "group_size": None,
-            "bits_per_weight": None,
-            "ppl": fp["ppl"],
-            "ppl_ratio": 1.0,
-            "kl_to_teacher": 0.0,
-            "mean_layer_error": 0.0,
-            "data_tokens": None,
-            "wall_time_s": None,
-            "quant_time_s": None,
-            "eval_tokens": fp["tokens"],
-            "run_dir": None,
-            "reused": fp_source.startswith("reused"),
-        }
-    ]
-    for m, (d, ev, reused) in runs.items():
-        s = ev["student"]
-        rows.append(
-            {
-                "recipe": label,
-                "method": m,
-                "bits": recipe.quant.bits,
-                "group_size": recipe.quant.group_size,
-                "bits_per_weight": bits_per_weight(d / "final"),
-                "ppl": s["ppl"],
-                "ppl_ratio": s["ppl"] / fp["ppl"],
-                "kl_to_teacher": s.get("kl_to_teacher"),
-                "mean_layer_error": mean_error(errors[m]),
-                "data_tokens": ev.get("calib_tokens") if m != "qat" else qat_tokens(recipe, ev.get("steps")),
-                "wall_time_s": ev.get("wall_time_s"),
-                "quant_time_s": ev.get("quant_time_s"),
-                "eval_tokens": s["tokens"],
-                "run_dir": str(d),
-                "reused": reused,
-            }
-        )
-    return {"recipe": label, "fp_source": fp_source, "diag_tokens": held.n_tokens, "rows": rows, "layer_errors": errors}
+
+def fp_row(recipe: Recipe, label: str, fp: dict, fp_source: str) -> dict:
+    return {
+        "recipe": label,
+        "method": "fp (teacher)",
+        "bits": {"float32": 32, "bfloat16": 16, "float16": 16}[recipe.teacher.dtype],
+        "group_size": None,
+        "bits_per_weight": None,
+        "ppl": fp["ppl"],
+        "ppl_ratio": 1.0,
+        "kl_to_teacher": 0.0,
+        "mean_layer_error": 0.0,
+        "data_tokens": None,
+        "wall_time_s": None,
+        "quant_time_s": None,
+        "eval_tokens": fp["tokens"],
+        "run_dir": None,
+        "reused": fp_source.startswith("reused"),
+    }
+
+
+def variant_row(recipe: Recipe, label: str, method: str, run: tuple[Path, dict, bool], fp: dict, errors: dict[str, float]) -> dict:
+    d, ev, reused = run
+    s = ev["student"]
+    return {
+        "recipe": label,
+        "method": method,
+        "bits": recipe.quant.bits,
+        "group_size": recipe.quant.group_size,
+        "bits_per_weight": bits_per_weight(d / "final"),
+        "ppl": s["ppl"],
+        "ppl_ratio": s["ppl"] / fp["ppl"],
+        "kl_to_teacher": s.get("kl_to_teacher"),
+        "mean_layer_error": mean_error(errors),
+        "data_tokens": ev.get("calib_tokens") if method != "qat" else qat_tokens(recipe, ev.get("steps")),
+        "wall_time_s": ev.get("wall_time_s"),
+        "quant_time_s": ev.get("quant_time_s"),
+        "eval_tokens": s["tokens"],
+        "run_dir": str(d),
+        "reused": reused,
+    }
 
 
 # -- report -------------------------------------------------------------------------------
@@ -218,8 +221,6 @@ def table_md(rows: list[dict]) -> str:
 
 
 def report_md(report: dict) -> str:
-    from .diagnostic import local_vs_global_inversions
-
     out = [
         "# QAT vs layerwise PTQ",
         "",
@@ -227,7 +228,7 @@ def report_md(report: dict) -> str:
         "",
         "ppl: validation perplexity (same blocks for every row); ppl/FP: against the teacher; KL: mean forward KL "
         "to the teacher per token; mean layer out. err: mean over quantized layers of ||XW - XŴ||/||XW|| on "
-        f"held-out validation tokens with the teacher's inputs; bits/weight: storage of the quantized layers (codes, "
+        "held-out validation tokens with the teacher's inputs; bits/weight: storage of the quantized layers (codes, "
         "fp16 group scales, zero-points if asymmetric, fp16 LoRA factors of a QERA correction); "
         "data tokens: PTQ calibration tokens or QAT training tokens; "
         "wall time: the whole run (load, quantize or train, evaluate).",
@@ -383,35 +384,3 @@ def compare(recipes: list[Recipe], recipe_files: list[str], out: Path, rerun: bo
     print(table_md(report["rows"]))
     print(f"report: {out}/report.{{{made}}}")
     return report
-
-
-# -- command ------------------------------------------------------------------------------
-def run(args) -> int:
-    from .recipe import load_recipe
-
-    items = list(args.items) + list(args.overrides)
-    files = [i for i in items if "=" not in i or Path(i).is_file()]
-    overrides = [i for i in items if i not in files]
-    if not files:
-        raise RecipeError("<recipe>: give at least one recipe file")
-    recipes = [load_recipe(f, overrides) for f in files]
-    if args.runs_root:
-        recipes = [r.model_copy(update={"output_dir": str(Path(args.runs_root) / Path(r.output_dir).name)}) for r in recipes]
-    if args.out:
-        out = Path(args.out)
-    elif len(recipes) == 1:
-        out = Path(f"{str(recipes[0].output_dir).rstrip('/')}-compare")
-    else:
-        out = Path(args.runs_root or "runs") / "compare"
-    compare(recipes, files, out, rerun=args.rerun, with_qat=not args.no_qat)
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="QAT vs the PTQ baselines of a recipe: report.{json,md,png}")
-    p.add_argument("items", nargs="+", metavar="RECIPE|dotted.key=value", help="recipe files, then overrides applied to each")
-    p.add_argument("--out", help="report directory (default: <output_dir>-compare, or runs/compare for several recipes)")
-    p.add_argument("--runs-root", help="put each recipe's runs in RUNS_ROOT/<basename of its output_dir> (several recipes, one override)")
-    p.add_argument("--rerun", action="store_true", help="run every variant again instead of reusing complete runs")
-    p.add_argument("--no-qat", action="store_true", help="PTQ methods and FP only")
-    p.set_defaults(func=run, overrides=[])

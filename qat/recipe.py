@@ -169,7 +169,7 @@ class FreezeSection(_Section):
 
 
 class TeacherCacheSection(_Section):
-    """The teacher's top-k logits, computed once before training (qat/teacher_cache.py)."""
+    """The teacher's top-k logits, computed once before training (qat/distill/teacher_cache.py)."""
 
     top_k: int = Field(64, gt=0, description="teacher logits kept per token (the KD loss renormalises the teacher over them)")
     dir: str | None = Field(None, description="cache directory (default: <output_dir>/teacher-cache); reused when its fingerprint matches")
@@ -276,7 +276,7 @@ class TrainSection(_Section):
 
 
 class PeftSection(_Section):
-    """LoRA on the fake-quant student (``qat/lora.py``)."""
+    """LoRA on the fake-quant student (``qat/train/lora.py``)."""
 
     mode: Literal["separate", "merged"] = Field(
         "separate",

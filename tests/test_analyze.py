@@ -17,16 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from qat.analyze.bitalloc import (
-    allocate,
-    choose_bits,
-    distortion,
-    export_bytes,
-    fill_budget,
-    knapsack_bits,
-    solve_continuous,
-    used_bits,
-)
+from qat.analyze.bitalloc import allocate, choose_bits, distortion, export_bytes, fill_budget, knapsack_bits, solve_continuous, used_bits
 from qat.analyze.setup import Setup, exact_pattern, layer_depth, layer_type, quantized, squared_grads
 from qat.data import TokenBlocks
 from qat.quant import QATLinear, QuantScheme, quantize_model
@@ -161,7 +152,7 @@ def test_quantized_context_swaps_only_the_named_layers_and_restores_them():
 
 def test_nothing_quantized_gives_zero_errors():
     from qat.analyze.sensitivity import gradient_effects, loss_effects
-    from qat.diagnostic import layer_output_errors
+    from qat.evaluate.diagnostic import layer_output_errors
 
     s = tiny_setup(2)
     names = list(s.plan)
@@ -235,7 +226,7 @@ def test_analyze_outputs_shapes_monotone_in_bits_and_a_valid_freeze_snippet(tmp_
 
 
 def test_allocation_recipe_overrides_validate_and_apply():
-    from qat.analyze_cli import allocation_recipe
+    from qat.analyze.report import allocation_recipe
 
     s = tiny_setup(4, group=64)  # the recipe's group size: only the bit widths need overrides
     names = list(s.plan)
@@ -260,7 +251,7 @@ def at_repo(monkeypatch):
 
 def _export_and_check(run_dir: Path, alloc: dict) -> None:
     from qat.cli import main
-    from qat.export import layer_bytes
+    from qat.export.sizes import layer_bytes
 
     out = run_dir / "ct"
     assert main(["export", str(run_dir), "--format", "compressed-tensors", "--any-bits", "--out", str(out)]) == 0

@@ -86,7 +86,7 @@ def test_eval_tasks_without_lm_eval_before_any_weights(monkeypatch, tmp_path, ca
 
 def test_wandb_missing_is_one_line_and_the_run_goes_on(monkeypatch, tmp_path, capsys):
     from qat.recipe import load_recipe
-    from qat.train import make_accelerator
+    from qat.train.tracking import make_accelerator
 
     hide(monkeypatch, "wandb")
     recipe = load_recipe(PRETRAIN, [f"output_dir={tmp_path}", "tracking.wandb_project=p", "tracking.mode=offline"])

@@ -142,7 +142,8 @@ def test_kd_token_loss_unchanged():
 
 
 # -- the teacher cache and training on the tiny fixture ---------------------------------------
-FAST = ["data.max_train_tokens=8192", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "eval.batch_size=8"]
+# final/ in float32 (not the fixture's bf16): these tests compare it with fp32 fake-quant bit for bit
+FAST = ["data.max_train_tokens=8192", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "eval.batch_size=8", "model.save_dtype=float32"]
 
 
 @pytest.fixture
@@ -173,7 +174,7 @@ def shard_bytes(d: Path) -> dict[str, bytes]:
 def test_cache_equals_online_topk_and_resumes_identically(at_repo, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import qat.teacher_cache as tc
+    import qat.distill.teacher_cache as tc
     from qat.recipe import RecipeError
 
     recipe = tiny_recipe(tmp_path / "a", "distill.teacher_cache={top_k: 16, shard_blocks: 5, batch_size: 3}")
@@ -260,18 +261,18 @@ def test_training_chunked_equals_naive(at_repo, tmp_path):
 
 
 def test_training_from_the_cache(at_repo, tmp_path, monkeypatch):
-    import qat.teacher_cache
-    import qat.train
+    import qat.distill.teacher_cache
+    import qat.train.loop
     from qat.cli import main
     from qat.quant.grid import quantize
 
-    real_load_models = qat.train.load_models
+    real_load_models = qat.train.loop.load_models
 
     def load_models(recipe, config, with_teacher=True):
         assert not with_teacher  # training from the cache never loads the teacher
         return real_load_models(recipe, config, with_teacher)
 
-    monkeypatch.setattr(qat.train, "load_models", load_models)
+    monkeypatch.setattr(qat.train.loop, "load_models", load_models)
     out = tmp_path / "cached"
     args = [TINY, *FAST, f"output_dir={out}", "data.max_train_tokens=1024", "train.max_steps=12", "train.log_every=1",
             "train.warmup_steps=0", "distill.teacher_cache={top_k: 32, shard_blocks: 4}"]
@@ -290,7 +291,7 @@ def test_training_from_the_cache(at_repo, tmp_path, monkeypatch):
     def no_teacher(*a, **k):
         raise AssertionError("teacher loaded")
 
-    monkeypatch.setattr(qat.teacher_cache, "_load_teacher", no_teacher)
+    monkeypatch.setattr(qat.distill.teacher_cache, "load_teacher", no_teacher)
     assert main(["train", *args, "--overwrite"]) == 0
     assert [x["kd_loss"] for x in metrics(out)] == pytest.approx(kd, rel=1e-6)
 
@@ -298,7 +299,7 @@ def test_training_from_the_cache(at_repo, tmp_path, monkeypatch):
 def _precompute_on_two_ranks(out: str, used: list[int]) -> None:
     from accelerate import Accelerator
 
-    import qat.teacher_cache as tc
+    import qat.distill.teacher_cache as tc
 
     acc = Accelerator(cpu=True)
     assert acc.num_processes == 2
@@ -324,7 +325,7 @@ def test_precompute_on_two_processes_splits_the_shards(at_repo, tmp_path):
     import subprocess
     import sys
 
-    import qat.teacher_cache as tc
+    import qat.distill.teacher_cache as tc
 
     used = [0, 5, 9, 17, 22, 40]  # shards 0, 1, 2, 4, 5, 10
     script = tmp_path / "two_ranks.py"

@@ -53,7 +53,7 @@ def _valid_docs(n_docs: int = 3):
 
 def test_windows_equal_the_validation_blocks(lm):
     from qat.data import build_datasets
-    from qat.eval import make_windows, token_stream
+    from qat.evaluate.perplexity import make_windows, token_stream
 
     _, tok = lm
     docs, r = _valid_docs(50)
@@ -64,7 +64,7 @@ def test_windows_equal_the_validation_blocks(lm):
 
 
 def test_perplexity_deterministic_batch_invariant_strided(lm):
-    from qat.eval import make_windows, perplexity, token_stream
+    from qat.evaluate.perplexity import make_windows, perplexity, token_stream
 
     model, tok = lm
     docs, _ = _valid_docs(3)
@@ -157,8 +157,8 @@ def test_ptq_run_dir_layout_and_adapter(compared):
     from transformers import AutoModelForCausalLM
 
     from qat.data import build_datasets
-    from qat.eval import perplexity
-    from qat.final import load_quant_layers
+    from qat.evaluate.perplexity import perplexity
+    from qat.io.final import load_quant_layers
     from qat.recipe import load_recipe
 
     run = compared / "tiny-ptq-qera-exact"
@@ -223,7 +223,7 @@ def test_ptq_default_output_dir_and_overwrite(compared, capsys):
 
 # -- local vs global ------------------------------------------------------------------------
 def test_local_vs_global_inversions():
-    from qat.diagnostic import local_vs_global_inversions
+    from qat.evaluate.diagnostic import local_vs_global_inversions
 
     rows = [
         {"method": "a", "mean_layer_error": 0.05, "kl_to_teacher": 0.09, "ppl": 10},
@@ -236,7 +236,7 @@ def test_local_vs_global_inversions():
 # -- lm-eval (optional extra) ---------------------------------------------------------------
 def test_lm_eval_local_jsonl_tasks(lm, tmp_path):
     pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'qat[eval]')")
-    from qat.harness import run_lm_eval
+    from qat.evaluate.harness import run_lm_eval
 
     model, tok = lm
     ppl = tmp_path / "books.jsonl"

@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 pytest.importorskip("compressed_tensors")
 
 from qat.cli import build_parser, main  # noqa: E402
+from qat.export.verify import gptq_loader_missing  # noqa: E402
 from qat.quant.grid import dequantize, quantize  # noqa: E402
 from conftest import require_tiny  # noqa: E402
 
@@ -127,7 +128,7 @@ def test_compressed_tensors_logits_identical_fp32(runs, tmp_path, scheme, capsys
     bits, g, sym = scheme
     w = group["weights"]
     assert (w["num_bits"], w["group_size"], w["symmetric"], w["strategy"]) == (bits, g, sym, "group" if g else "channel")
-    assert qc["ignore"] == ["lm_head"] and qc["dequantize"] is True  # the load hint (see qat/export.py)
+    assert qc["ignore"] == ["lm_head"] and qc["dequantize"] is True  # the load hint (see qat/export/formats.py)
 
     state = load_file(str(out / "model.safetensors"))
     layers = json.loads((run / "final" / "qat_quant.json").read_text())["layers"]
@@ -237,8 +238,6 @@ def test_verify_flag_and_overwrite(runs, tmp_path, capsys):
 
 
 def test_gptq_verify_says_what_the_real_loader_needs(runs, tmp_path, capsys):
-    from qat.export import gptq_loader_missing
-
     run = runs(4, 64, True)
     assert export(run, tmp_path / "gptq", "gptq", "--verify") == 0
     out = capsys.readouterr().out
@@ -250,7 +249,7 @@ def test_gptq_verify_says_what_the_real_loader_needs(runs, tmp_path, capsys):
         assert "verify: transformers + optimum + gptqmodel: logits vs final/" in out
 
 
-@pytest.mark.skipif(bool(__import__("qat.export", fromlist=["x"]).gptq_loader_missing()),
+@pytest.mark.skipif(bool(gptq_loader_missing()),
                     reason="transformers' GPTQ loader needs optimum and gptqmodel (gptqmodel 7.7 wants torch >= 2.14.1)")
 def test_gptq_export_loads_in_plain_transformers(runs, tmp_path):
     from transformers import AutoModelForCausalLM

@@ -14,7 +14,7 @@ unsharded copy on the same global batches. Checked:
   other tensor within 2 * lr * steps absolute and >= 99% of the integer codes identical (the
   runs sum the same gradients in a different order: reduce-scatter across ranks vs one backward);
 - the sharded model's outputs equal those of an unsharded model loaded with the gathered state;
-- the global gradient norm, as qat's loop reads it (``qat.train._as_float`` of a DTensor), equals
+- the global gradient norm, as qat's loop reads it (``qat.train.loop._as_float`` of a DTensor), equals
   the unsharded one (first step within 1e-5 relative).
 """
 
@@ -58,7 +58,7 @@ def train_steps(student, teacher, rows_of):
     """KD steps as qat's loop takes them (loss, backward, global grad norm, AdamW step); returns
     the per-step losses and gradient norms."""
     from qat.distill import kd_loss
-    from qat.train import _as_float
+    from qat.train.loop import _as_float
 
     data, _ = batches()
     params = [p for p in student.parameters() if p.requires_grad]

@@ -1,4 +1,4 @@
-"""Data-free distillation data (qat/generate.py): teacher samples, cached as shards, resumable."""
+"""Data-free distillation data (qat/data/generate.py): teacher samples, cached as shards, resumable."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _tok():
 
 
 def test_generated_cache_shards_resume_and_reuse(tmp_path, monkeypatch):
-    from qat import generate
+    from qat.data import generate
 
     recipe = _recipe(tmp_path)
     d = generate.generate_cached(recipe, _tok(), "cpu", progress=False)

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import require_tiny
-from qat.checkpoint import latest_checkpoint
+from qat.io.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
@@ -47,7 +47,7 @@ ZYGOTE = r'''
 import json, os, signal, sys, time, traceback
 import accelerate, accelerate.checkpointing, datasets, torch, transformers  # imported once, run nothing
 import datasets.packaged_modules.text, safetensors.torch, tqdm.auto
-import qat.checkpoint, qat.cli, qat.data, qat.eval, qat.final, qat.train, qat.train_cli
+import qat.io.checkpoint, qat.cli, qat.data, qat.evaluate.perplexity, qat.io.final, qat.train.loop, qat.cli.train
 from transformers.models.llama import modeling_llama
 for name in ("AutoConfig", "AutoModelForCausalLM", "AutoTokenizer", "PreTrainedTokenizerFast", "LlamaForCausalLM"):
     getattr(transformers, name)  # resolve transformers' lazy modules here, not in every child
@@ -77,18 +77,18 @@ def install_pause(where, marker):
             return out
         accelerate.Accelerator.save_state = save_state
     elif where == "before-rename":
-        orig = qat.checkpoint._write_json_atomic
+        orig = qat.io.checkpoint.write_json_atomic
         def write(path, obj):
             orig(path, obj)
             stop_here(marker, str(path))
-        qat.checkpoint._write_json_atomic = write
+        qat.io.checkpoint.write_json_atomic = write
     elif where == "final":
-        orig = qat.final.save_final  # looked up at call time by qat.lora.save_lora_final
+        orig = qat.train.lora.save_final  # the name save_lora_final calls
         def save_final(*a, **k):
             out = orig(*a, **k)
             stop_here(marker, "final")
             return out
-        qat.final.save_final = save_final
+        qat.train.lora.save_final = save_final
     else:
         raise ValueError(where)
 
@@ -248,8 +248,9 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(zygote, tmp_path)
             tmp = sorted(p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp-step-"))
             assert tmp == [f".tmp-step-{before + EVERY}"], (kind, tmp)
             assert after == before, (kind, before, after)
-        if kind == "final":
-            assert after == MAX_STEPS and (out / "final" / "model.safetensors").is_file()
+        if kind == "final":  # killed inside the final/ write: it is atomic, so there is no partial final/
+            assert after == MAX_STEPS and not (out / "final").exists()
+            assert [p.name for p in out.glob(".final.tmp-*")], sorted(p.name for p in out.iterdir())
 
     assert len(kills) >= 5 and sum(k[0] != "time" for k in kills) >= 3, kills
     pid, files = zygote.start(out)  # the last resume runs to the end

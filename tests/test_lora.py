@@ -1,4 +1,4 @@
-"""LoRA-QAT (qat/lora.py): merged-weight QAT exactness, the separate (QLoRA-style) adapter,
+"""LoRA-QAT (qat/train/lora.py): merged-weight QAT exactness, the separate (QLoRA-style) adapter,
 adapter initialisation (gaussian / loftq / qera), and 8-bit bitsandbytes optimizers."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qat.final import save_final
-from qat.lora import LoRAQATLinear, apply_lora, merge_lora_
+from qat.io.final import save_final
+from qat.train.lora import LoRAQATLinear, apply_lora, merge_lora_
 from qat.quant import QuantScheme, qat_linears, quantize_model
 from qat.quant.grid import fake_quantize, minmax_qparams
 from qat.recipe import PeftSection, RecipeError, load_recipe
@@ -21,7 +21,8 @@ from conftest import LLAMA_TINY, make_tiny_llama, require_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
-FAST = ["data.max_train_tokens=4096", "data.max_valid_tokens=1024", "train.micro_batch_size=4", "eval.batch_size=8"]
+# final/ in float32 (not the fixture's bf16): these tests compare it with fp32 fake-quant bit for bit
+FAST = ["data.max_train_tokens=4096", "data.max_valid_tokens=1024", "train.micro_batch_size=4", "eval.batch_size=8", "model.save_dtype=float32"]
 
 
 def _recipe(**peft):
@@ -136,7 +137,8 @@ def _train(out, *overrides):
 def test_train_merged_final_matches_trained_checkpoint_logits(_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qat.train import build_student_quant, load_student, model_config
+    from qat.policy import build_student_quant
+    from qat.io.models import load_student, model_config
 
     out = _train(tmp_path / "merged", "peft.mode=merged", "peft.r=4", "train.max_steps=3", "checkpoint.every=3", "train.lr=1e-2")
     recipe = load_recipe(out / "recipe.yaml", check_files=False)
@@ -161,8 +163,8 @@ def test_train_merged_final_matches_trained_checkpoint_logits(_tiny, tmp_path):
 def test_train_separate_writes_adapter_and_frozen_base(_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qat.eval_cli import load_model_dir
-    from qat.final import load_quant_layers
+    from qat.io.models import load_model_dir
+    from qat.io.final import load_quant_layers
 
     out = _train(tmp_path / "sep", "peft.mode=separate", "peft.r=4", "peft.init=qera", "peft.init_tokens=1024", "train.max_steps=2", "train.lr=1e-2")
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()

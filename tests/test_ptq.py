@@ -97,7 +97,8 @@ def tiny(llama_tiny_path_module):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from qat.data import build_datasets
-    from qat.ptq.run import calibration_blocks, quant_plan
+    from qat.data.plans import calibration_blocks
+    from qat.policy import quant_plan
     from qat.recipe import load_recipe
 
     recipe = load_recipe(TINY, ["data.max_train_tokens=8192", "data.max_valid_tokens=1024"], check_files=False)
@@ -156,7 +157,7 @@ def test_gptq_output_error_below_rtn_on_real_activations(tiny, bits):
 
 # -- QERA ----------------------------------------------------------------------------------
 def test_qera_orderings_on_correlated_inputs():
-    from qat.ptq.qera import lowrank_factors
+    from qat.quant.lowrank import lowrank_factors
     from qat.ptq.rtn import rtn_weight
 
     g = torch.Generator().manual_seed(0)
@@ -187,7 +188,7 @@ def test_qera_orderings_on_correlated_inputs():
 
 
 def test_qera_exact_regularises_singular_r():
-    from qat.ptq.qera import lowrank_factors
+    from qat.quant.lowrank import lowrank_factors
 
     g = torch.Generator().manual_seed(0)
     e = torch.randn(16, 64, generator=g, dtype=torch.float64) * 0.01
@@ -221,7 +222,7 @@ def _assert_on_grid(model, plan):
 
 
 def _mean_rel_error(fp_model, variant_weights, blocks):
-    from qat.diagnostic import layer_output_errors, mean_error
+    from qat.evaluate.diagnostic import layer_output_errors, mean_error
 
     return mean_error(layer_output_errors(fp_model, {"v": variant_weights}, blocks, desc=None)["v"])
 
@@ -238,8 +239,8 @@ def rtn_error(tiny):
 
 @pytest.mark.parametrize("method", ["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx"])
 def test_method_runs_on_grid_and_beats_or_matches_rtn(tiny, rtn_error, method, tmp_path):
-    from qat.diagnostic import SCALES_FILE, effective_weights
-    from qat.final import save_final
+    from qat.io.final import SCALES_FILE, effective_weights
+    from qat.io.final import save_final
     from qat.ptq import quantize_ptq
     from qat.ptq.run import save_adapter
 
@@ -278,7 +279,7 @@ def test_qera_adapter_reloads_with_peft(tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from qat.final import save_final
+    from qat.io.final import save_final
     from qat.ptq import quantize_ptq
     from qat.ptq.run import save_adapter
 
@@ -297,7 +298,7 @@ def test_qera_adapter_reloads_with_peft(tiny, tmp_path):
 
 
 def test_calibration_budget_is_the_qat_budget():
-    from qat.ptq.run import calibration_budget
+    from qat.data.plans import calibration_budget
     from qat.recipe import load_recipe
 
     r = load_recipe(TINY, ["train.max_steps=30", "train.micro_batch_size=8", "train.grad_accum=2"], check_files=False)

@@ -282,7 +282,9 @@ def test_recipe_file_missing(tmp_path, capsys):
 
 # -- an existing run is never overwritten without --overwrite or resume -------------------------
 def _fake_run(d: Path) -> dict[str, str]:
+    """A run directory as qat train leaves it (its marker included), without the weights."""
     (d / "checkpoints" / "step-2").mkdir(parents=True)
+    (d / ".qat-run.json").write_text('{"kind": "train"}')
     (d / "checkpoints" / "step-2" / "qat_state.json").write_text('{"step": 2}')
     (d / "recipe.yaml").write_text("output_dir: old\n")
     (d / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')

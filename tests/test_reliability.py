@@ -23,8 +23,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import qat.train
-from qat.checkpoint import latest_checkpoint
+import qat.train.loop
+from qat.io.checkpoint import latest_checkpoint
 from qat.cli import main
 from conftest import require_tiny, needs_tiny  # noqa: E402
 
@@ -71,7 +71,7 @@ class GradBomb(torch.autograd.Function):
 
 def poison_kd_loss(monkeypatch, bad_calls, kind="nan"):
     """Make qat's KD loss non-finite (or its gradient infinite) on the given calls (1-based)."""
-    real, calls = qat.train.distill_loss, [0]
+    real, calls = qat.train.loop.distill_loss, [0]
 
     def distill_loss(*a, **k):
         calls[0] += 1
@@ -80,7 +80,7 @@ def poison_kd_loss(monkeypatch, bad_calls, kind="nan"):
             return (loss * float("nan") if kind == "nan" else GradBomb.apply(loss)), kd, ce
         return loss, kd, ce
 
-    monkeypatch.setattr(qat.train, "distill_loss", distill_loss)
+    monkeypatch.setattr(qat.train.loop, "distill_loss", distill_loss)
 
 
 def optimizer_steps(ckpt: Path) -> set[int]:

@@ -21,7 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
 # small and quick: 64 blocks of 128 tokens, batches of 4
-FAST = ["data.max_train_tokens=8192", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "eval.batch_size=8"]
+# final/ in float32 (not the fixture's bf16): these tests compare it with fp32 fake-quant bit for bit
+FAST = ["data.max_train_tokens=8192", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "eval.batch_size=8", "model.save_dtype=float32"]
 
 
 @pytest.fixture(autouse=True)

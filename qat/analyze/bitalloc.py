@@ -42,6 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..quant.grid import group_view
+from .setup import exact_pattern, layer_depth, layer_type, squared_grads
+
 DEFAULT_CHOICES = (2, 3, 4, 8)
 MAX_DP_CELLS = 5 * 10**7  # layers x budget units x choices of the exact rounding step
 
@@ -198,7 +201,6 @@ def uniform_bits(n_layers: int, bits: int) -> np.ndarray:
 # -- statistics and outputs ----------------------------------------------------------------------
 def weight_variance(w, group_size: int | None) -> float:
     """``mean over quantization groups of var(w in group)`` (biased variance, fp64)."""
-    from ..quant.grid import group_view
 
     wg = group_view(w.detach().double(), group_size)
     return float(wg.var(dim=-1, unbiased=False).mean())
@@ -206,7 +208,6 @@ def weight_variance(w, group_size: int | None) -> float:
 
 def layer_stats(setup, batch_size: int) -> list[dict]:
     """``[{name, type, depth, shape, n_params, g2, s2}]`` for every layer of the plan."""
-    from .setup import layer_depth, layer_type, squared_grads
 
     names = list(setup.plan)
     grads = squared_grads(setup.model, names, setup.calib, batch_size)
@@ -238,7 +239,6 @@ def base_scheme_bits(bits_by_layer: dict[str, int], n_by_layer: dict[str, int]) 
 def overrides_for(bits_by_layer: dict[str, int], plan: dict, base_bits: int, base_group: int | None, base_symmetric: bool) -> list[dict]:
     """``quant.overrides`` entries (anchored exact layer names) for every layer whose scheme is not
     the base one; group size / symmetry are carried over from the plan where they differ."""
-    from .setup import exact_pattern
 
     out = []
     for name, b in bits_by_layer.items():

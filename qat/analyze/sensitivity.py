@@ -10,7 +10,7 @@ For the recipe's scheme and a few calibration batches (the first blocks the QAT 
   ``||g_only|| / ||g_fp||``, ``||g_all|| / ||g_fp||`` and the relative gradient error
   ``||g_only - g_fp|| / ||g_fp||``;
 - local error: ``||X W^T - X W_hat^T|| / ||X W^T||`` on held-out validation tokens, ``X`` the
-  full-precision inputs of the layer (``qat/diagnostic.py``);
+  full-precision inputs of the layer (``qat/evaluate/diagnostic.py``);
 - global loss: the change in mean validation NLL (nats/token) when only that type is quantized
   (and, unless switched off, when only that one layer at that depth is).
 
@@ -28,9 +28,9 @@ from collections import defaultdict
 import torch
 
 from ..deps import available
+from ..evaluate.diagnostic import layer_output_errors
 from ..quant import QATLinear
 from .setup import layer_depth, layer_type, mean_nll, quantized, squared_grads
-
 
 RANK_KEYS = {  # --rank-by -> the per-type field ranked (descending)
     "grad_ratio_all": "grad_ratio_all_mean",
@@ -106,7 +106,6 @@ def loss_effects(model, plan, groups: dict[str, list[str]], valid, batch_size: i
 
 def analyze(setup, batch_size: int, per_depth: bool = True, rank_by: str = "grad_ratio_all", progress=print) -> dict:
     """Every measurement of the module doc on ``setup`` (``qat.analyze.setup.load_setup``)."""
-    from ..diagnostic import layer_output_errors
 
     model, plan = setup.model, setup.plan
     names = list(plan)

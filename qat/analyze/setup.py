@@ -14,6 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..data.plans import calibration_blocks, heldout_blocks
+from ..data.setup import load_plan_and_data
+from ..evaluate.perplexity import perplexity
+from ..io.final import final_dtype
+from ..io.models import load_student
 from ..quant import QATLinear
 from ..quant.scheme import QuantScheme
 from ..recipe import Recipe, RecipeError
@@ -50,16 +55,12 @@ def exact_pattern(name: str) -> str:
 
 def load_setup(recipe: Recipe, calib_sequences: int, valid_tokens: int, device: str | None = None) -> Setup:
     """Load the recipe's model, plan and data (recipe problems raise ``RecipeError``)."""
-    from ..diagnostic import heldout_blocks
-    from ..ptq.run import calibration_blocks, load_plan_and_data
-    from ..train import load_student
     from pathlib import Path
 
     if recipe.quant is None:
         raise RecipeError("quant: the analysis needs a quant section (the scheme to quantize to)")
     if recipe.model.path is None:
         raise RecipeError("model.path: the analysis needs a pretrained model; this recipe builds one from scratch")
-    from ..final import final_dtype
 
     _, config, plan, train_set, valid_set = load_plan_and_data(recipe, Path(recipe.output_dir))
     save_dtype = final_dtype(recipe, config)
@@ -137,6 +138,5 @@ def squared_grads(model: nn.Module, names: list[str], blocks, batch_size: int, k
 @torch.no_grad()
 def mean_nll(model: nn.Module, blocks, batch_size: int) -> float:
     """Mean next-token NLL over the real tokens of ``blocks`` (token-weighted)."""
-    from ..eval import perplexity
 
     return perplexity(model, blocks, batch_size)["nll"]

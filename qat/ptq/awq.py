@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from ..quant.grid import fake_quantize, minmax_qparams
 from ..quant.scheme import QuantScheme
@@ -145,13 +146,20 @@ def awq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme
     """AWQ for the block's layers ``names`` (see module doc). Returns ``(alphas, folds)``: the
     chosen alpha per scale group, and per layer the factors folded into it
     (``{"input_scale": s}``: columns multiplied by ``s``; ``{"output_scale": s}``: rows divided by
-    ``s``), with which ``diagnostic.effective_weights`` maps the layer back to the original
+    ``s``), with which ``qat.io.final.effective_weights`` maps the layer back to the original
     input/output space."""
-    from tqdm.auto import tqdm
+    groups = scale_groups(runner.block, runner.name, names)
+    stats, captured = _collect(runner, names, plan, groups, opts)
+    scales, alphas = _search_scales(runner, plan, groups, stats, captured, opts)
+    del captured
+    scaled_inputs, folds = _fold(runner, scales)
+    _clip_and_install(runner, names, plan, stats, scaled_inputs, opts)
+    return alphas, folds
 
-    block = runner.block
-    groups = scale_groups(block, runner.name, names)
-    # 1. statistics over all calibration tokens + inputs/outputs of inspected modules on a subset
+
+def _collect(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme], groups, opts):
+    """1. Input statistics of the layers over all calibration tokens, and the inputs / outputs of
+    the inspected modules on the first ``opts.search_tokens`` tokens (for the scale search)."""
     n_search, tokens = 0, 0
     for inp in runner.inputs:
         if tokens >= opts.search_tokens:
@@ -187,8 +195,12 @@ def awq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme
             a.n += b.n
             a.abs_sum += b.abs_sum
             a.block_xtx += b.block_xtx
+    return stats, captured
 
-    # 2. scale search, every group on the full-precision block
+
+def _search_scales(runner: BlockRunner, plan: dict[str, QuantScheme], groups, stats, captured, opts):
+    """2. Per scale group, the alpha in ``s = mean|x|^alpha`` whose fake-quant output of the
+    inspected module is closest to the full-precision one (the block stays full precision)."""
     scales, alphas = {}, {}
     for sg in tqdm(groups, desc=f"awq scales {runner.name}", leave=False, dynamic_ncols=True):
         x_mean = stats[sg.layers[0]].mean_abs().float()
@@ -214,9 +226,11 @@ def awq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme
             m.weight.data = w
         scales[sg.prev] = (sg, best[2])
         alphas[sg.prev] = best[1]
-    del captured
+    return scales, alphas
 
-    # 3. fold the scales (exact in full precision)
+
+def _fold(runner: BlockRunner, scales: dict) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+    """3. Fold each group's scales into the preceding op and its layers (exact in full precision)."""
     scaled_inputs: dict[str, Tensor] = {}
     folds: dict[str, dict[str, Tensor]] = {}
     for prev, (sg, s) in scales.items():
@@ -234,8 +248,11 @@ def awq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme
             m.weight.data.mul_(s.to(m.weight))
             scaled_inputs[n] = s
             folds.setdefault(n, {})["input_scale"] = s.float().cpu()
+    return scaled_inputs, folds
 
-    # 4. clipping search and 5. final qparams
+
+def _clip_and_install(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme], stats, scaled_inputs, opts) -> None:
+    """4. The clipping search on the output error, and 5. the final qparams of every layer."""
     for n in tqdm(names, desc=f"awq clip {runner.name}", leave=False, dynamic_ncols=True):
         layer = runner.module(n)
         w = layer.weight.detach().float()
@@ -249,4 +266,3 @@ def awq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme
             ratio = search_clip(w, bm, scheme, opts.clip_grid, opts.clip_min)
         scale, zero = minmax_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric, ratio)
         install_quantized(runner.model, n, scheme, scale, zero)
-    return alphas, folds

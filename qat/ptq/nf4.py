@@ -11,13 +11,13 @@ Storage: 4 bits per weight + one absmax per 64 weights (fp32 in bitsandbytes: 4.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..deps import require
+from ..io.final import add_quant_note
 
 BLOCKSIZE = 64
 NOTE = (
@@ -51,9 +51,5 @@ def quantize_nf4(model: nn.Module, names, device=None) -> list[str]:
 
 def annotate_final(final_dir: Path, names: list[str]) -> None:
     """Add the ``nf4`` entry (the note, blocksize and layers) to ``final/qat_quant.json``."""
-    from ..final import QUANT_FILE
 
-    path = Path(final_dir) / QUANT_FILE
-    d = json.loads(path.read_text()) if path.exists() else {"layers": {}}
-    d["nf4"] = {"note": NOTE, "quant_type": "nf4", "blocksize": BLOCKSIZE, "on_qat_grid": False, "layers": sorted(names)}
-    path.write_text(json.dumps(d, indent=1))
+    add_quant_note(final_dir, "nf4", {"note": NOTE, "quant_type": "nf4", "blocksize": BLOCKSIZE, "on_qat_grid": False, "layers": sorted(names)})

@@ -25,21 +25,30 @@ unless ``ptq.calib_tokens`` says otherwise ("same data constraint", arXiv 2410.1
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..quant.scheme import QuantConfigError, QuantScheme
+from ..data.plans import calibration_blocks, calibration_budget, heldout_blocks
+from ..data.setup import load_plan_and_data
+from ..evaluate.diagnostic import bits_per_weight, layer_output_errors, mean_error
+from ..evaluate.perplexity import perplexity
+from ..io.final import ADAPTER_DIR, effective_weights, final_dtype, save_final, write_scales, writing_final
+from ..io.models import DTYPES, load_model_dir, load_models
+from ..io.rundir import RunLock, check_run_dir, create_run_dir, write_json_atomic, write_text_atomic
+from ..quant.scheme import QuantScheme
 from ..recipe import PTQ_METHODS, Recipe, RecipeError
+from .awq import awq_block
+from .calibrate import module_bytes, quantize_layerwise
+from .gptq import gptq_block
+from .nf4 import BLOCKSIZE, annotate_final, quantize_nf4
+from .qera import qera_block
+from .rtn import quantize_rtn
 
 METHODS = PTQ_METHODS
-RUN_FILES = ("recipe.yaml", "eval.json", "final")
 
 
 def default_run_dir(recipe: Recipe, method: str) -> Path:
@@ -47,70 +56,8 @@ def default_run_dir(recipe: Recipe, method: str) -> Path:
     return Path(f"{str(recipe.output_dir).rstrip('/')}-ptq-{method}")
 
 
-def quant_plan(recipe: Recipe, config) -> dict[str, QuantScheme]:
-    """``{layer name: scheme}`` from the recipe's quant section, resolved on a weightless model."""
-    from transformers import AutoModelForCausalLM
-
-    from ..quant import quantize_model
-
-    q = recipe.quant
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    try:
-        report = quantize_model(model, q.scheme(), q.targets, q.ignore, q.layer_schemes())
-    except QuantConfigError as e:
-        raise RecipeError(f"quant: {e}") from None
-    return dict(report.layers)
-
-
-def load_plan_and_data(recipe: Recipe, out: Path):
-    """Tokenizer, model config, quantization plan and (train, valid) blocks of a recipe, checked
-    before any weights load: what PTQ and ``qat analyze`` start from."""
-    from ..data import build_datasets
-    from ..train import load_tokenizer, model_config
-
-    tokenizer = load_tokenizer(recipe, out, reuse_trained=False)
-    config = model_config(recipe, tokenizer)
-    max_pos = getattr(config, "max_position_embeddings", None)
-    if max_pos is not None and recipe.data.seq_len > max_pos:
-        raise RecipeError(f"data.seq_len: {recipe.data.seq_len} exceeds the model's max_position_embeddings {max_pos}")
-    plan = quant_plan(recipe, config)
-    try:
-        train_set, valid_set = build_datasets(recipe.data, tokenizer, seed=recipe.train.seed)
-    except ValueError as e:
-        raise RecipeError(str(e)) from None
-    return tokenizer, config, plan, train_set, valid_set
-
-
-def calibration_budget(recipe: Recipe, train_tokens: int) -> tuple[int, str]:
-    """Calibration tokens and where the number comes from (capped by the training data)."""
-    p, t = recipe.ptq, recipe.train
-    if p.calib_tokens is not None:
-        want, why = p.calib_tokens, "ptq.calib_tokens"
-    elif t.max_steps is not None:
-        want = t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
-        why = f"QAT budget: train.max_steps {t.max_steps} x micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x seq_len {recipe.data.seq_len}"
-    else:
-        want = math.ceil(t.epochs * train_tokens)
-        why = f"QAT budget: train.epochs {t.epochs} x {train_tokens} training tokens"
-    if want > train_tokens:
-        return train_tokens, f"{why} = {want}, capped by the {train_tokens} training tokens"
-    return want, why
-
-
-def calibration_blocks(train_set, tokens: int, seed: int):
-    """The first ``ceil(tokens / seq_len)`` blocks of the QAT run's epoch-0 order."""
-    from ..data import TokenBlocks
-    from ..train import BatchPlan
-
-    k = min(len(train_set), max(1, -(-tokens // train_set.input_ids.shape[1])))
-    idx = BatchPlan(len(train_set), k, 1, 0, seed).indices(0)[1]
-    return TokenBlocks(train_set.input_ids[idx], train_set.attention_mask[idx])
-
-
 def pick_devices(opts, model: nn.Module, n_hidden_bytes: int) -> tuple[torch.device, torch.device, bool]:
     """(compute device, where calibration hidden states live, whether blocks are offloaded)."""
-    from .calibrate import module_bytes
 
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda":
@@ -147,12 +94,9 @@ def quantize_ptq(
     """Quantize ``model`` in place with ``method``. Returns ``(lora, info, folds)``: the low-rank
     factors ``{layer: (A, B)}`` (QERA), per-method details, and the per-channel factors folded
     into layers ``{layer: {"input_scale"|"output_scale": s}}`` (AWQ)."""
-    from .calibrate import quantize_layerwise
-    from .rtn import quantize_rtn
 
     model.eval()
     if method == "nf4":  # bitsandbytes NF4, not on the integer grid (ptq/nf4.py)
-        from .nf4 import BLOCKSIZE, quantize_nf4
 
         return {}, {"nf4_layers": quantize_nf4(model, plan, device), "blocksize": BLOCKSIZE}, {}
     if method in ("rtn", "rtn-mse"):
@@ -161,18 +105,15 @@ def quantize_ptq(
         return {}, {"clip": clip}, {}
     lora, info, folds = {}, {}, {}
     if method == "gptq":
-        from .gptq import gptq_block
 
         def fn(runner, names):
             info.update(gptq_block(runner, names, plan, opts.gptq))
     elif method == "awq":
-        from .awq import awq_block
 
         def fn(runner, names):
             info[runner.name], f = awq_block(runner, names, plan, opts.awq)
             folds.update(f)
     elif method in ("qera-exact", "qera-approx"):
-        from .qera import qera_block
 
         def fn(runner, names):
             lora.update(qera_block(runner, names, plan, opts.qera, method == "qera-exact", opts.gptq))
@@ -219,13 +160,56 @@ def save_adapter(model: nn.Module, lora: dict, path: Path):
 
 
 def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Quantize the recipe's model with ``method`` and write the run directory (see module doc)."""
-    from ..diagnostic import effective_weights, heldout_blocks, layer_output_errors, mean_error
-    from ..eval import perplexity
-    from ..final import final_dtype, save_final
-    from ..eval_cli import load_model_dir
-    from ..train import DTYPES, load_models
+    """Quantize the recipe's model with ``method`` and write the run directory (see module doc):
+    check -> run directory -> data and calibration blocks -> quantize -> final/ -> eval.json."""
+    out = check_ptq(recipe, method, out_dir, overwrite)
+    t_start = time.perf_counter()
+    torch.manual_seed(recipe.train.seed)
+    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        create_run_dir(out, "ptq", clear=overwrite)
+        recipe = recipe.model_copy(update={"output_dir": str(out)})
+        write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+        tokenizer, config, plan, train_set, valid_set = load_plan_and_data(recipe, out)
+        calib, why = calibration_set(recipe, method, train_set)
+        save_dtype = DTYPES[final_dtype(recipe, config)]  # from the source config, before loading changes it
+        student, teacher = load_models(recipe, config)
+        student.eval().requires_grad_(False)
+        device, store, offload = place(recipe, student, config, calib)
+        timings = {"setup_s": time.perf_counter() - t_start}
+        t_q = time.perf_counter()
+        lora, info, folds = quantize_ptq(student, plan, method, calib, recipe.ptq, device, store)
+        timings["quantize_s"] = time.perf_counter() - t_q
+        t_phase = time.perf_counter()
+        write_ptq_final(out / "final", student, tokenizer, save_dtype, method, info, folds, lora)
+        del student
+        timings["save_s"] = time.perf_counter() - t_phase
+        result = {
+            "method": method,
+            "bits": sorted({s.bits for s in plan.values()}),
+            "group_size": sorted({s.group_size or 0 for s in plan.values()}),
+            "quantized_layers": len(plan),
+            "bits_per_weight": 4 + 32 / 64 if method == "nf4" else bits_per_weight(out / "final"),  # nf4: fp32 absmax per 64
+            "calib_tokens": calib.n_tokens if calib is not None else 0,
+            "calib_sequences": len(calib) if calib is not None else 0,
+            "calib_budget": why,
+            "device": str(device),
+            "offload": offload,
+            "quant_time_s": timings["quantize_s"],
+            "wall_time_s": None,
+            "details": info if method in ("gptq", "awq") else {"note": "bitsandbytes NF4 blocksize 64, not on qat's integer grid"} if method == "nf4" else None,
+            "lora_rank": recipe.ptq.qera.rank if lora else None,
+            "timings": timings,
+        }
+        if valid_set is not None:
+            evaluate_ptq(recipe, method, out / "final", valid_set, teacher, device, result)
+        result["wall_time_s"] = time.perf_counter() - t_start
+        write_json_atomic(out / "eval.json", result)
+    return out
 
+
+def check_ptq(recipe: Recipe, method: str, out_dir: str | Path | None, overwrite: bool) -> Path:
+    """The PTQ run's directory, after every check that needs no weights."""
     if method not in METHODS:
         raise RecipeError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
     if recipe.quant is None:
@@ -233,101 +217,64 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
     if recipe.model.path is None:
         raise RecipeError("model.path: PTQ quantizes a pretrained model; this recipe builds one from scratch")
     out = Path(out_dir) if out_dir is not None else default_run_dir(recipe, method)
-    if any((out / f).exists() for f in RUN_FILES):
-        if not overwrite:
-            raise RecipeError(f"output_dir: {out} already holds a run; pass --overwrite to replace it")
-        for f in RUN_FILES:
-            p = out / f
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    t_start = time.perf_counter()
-    torch.manual_seed(recipe.train.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    recipe = recipe.model_copy(update={"output_dir": str(out)})
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
+    if check_run_dir(out, "ptq", overwrite) and not overwrite:
+        raise RecipeError(f"output_dir: {out} already holds a run; pass --overwrite to replace it")
+    return out
 
-    tokenizer, config, plan, train_set, valid_set = load_plan_and_data(recipe, out)
-    data_free = method in ("rtn", "rtn-mse", "nf4")
-    calib, budget, why = None, 0, "data-free"
-    if not data_free:
-        budget, why = calibration_budget(recipe, train_set.n_tokens)
-        if budget == 0:
-            raise RecipeError(f"ptq.calib_tokens: {method} needs calibration data but the budget is 0 ({why})")
-        calib = calibration_blocks(train_set, budget, recipe.train.seed)
-        print(f"{method}: calibrating on {calib.n_tokens} tokens in {len(calib)} sequences ({why})")
 
-    save_dtype_name = final_dtype(recipe, config)  # from the source config, before loading changes it
-    student, teacher = load_models(recipe, config)
-    student.eval().requires_grad_(False)
-    # hidden states of the calibration set, twice (a block's inputs and its outputs)
+def calibration_set(recipe: Recipe, method: str, train_set):
+    """(calibration blocks or None for a data-free method, where their number comes from)."""
+    if method in ("rtn", "rtn-mse", "nf4"):
+        return None, "data-free"
+    budget, why = calibration_budget(recipe, train_set.n_tokens)
+    if budget == 0:
+        raise RecipeError(f"ptq.calib_tokens: {method} needs calibration data but the budget is 0 ({why})")
+    calib = calibration_blocks(train_set, budget, recipe.train.seed)
+    print(f"{method}: calibrating on {calib.n_tokens} tokens in {len(calib)} sequences ({why})")
+    return calib, why
+
+
+def place(recipe: Recipe, student: nn.Module, config, calib) -> tuple[torch.device, torch.device, bool]:
+    """Where the layers are calibrated and where the hidden states live (``pick_devices``)."""
     elem = torch.finfo(DTYPES[recipe.model.dtype]).bits // 8
-    hidden = 2 * getattr(config, "hidden_size", 0) * (len(calib) * calib.seq_len if calib is not None else 0) * elem
+    hidden = 2 * getattr(config, "hidden_size", 0) * (len(calib) * calib.seq_len if calib is not None else 0) * elem  # a block's inputs and outputs
     device, store, offload = pick_devices(recipe.ptq, student, hidden)
     if not offload:
         student.to(device)
-    timings = {"setup_s": time.perf_counter() - t_start}
-    t_q = time.perf_counter()
-    lora, info, folds = quantize_ptq(student, plan, method, calib, recipe.ptq, device, store)
-    quant_time = time.perf_counter() - t_q
-    timings["quantize_s"] = quant_time
+    return device, store, offload
+
+
+def write_ptq_final(final_dir: Path, student: nn.Module, tokenizer, dtype: torch.dtype, method: str, info: dict, folds: dict, lora: dict) -> None:
+    """final/ as ``qat train`` writes it, plus what the method adds: NF4 annotations, AWQ's folded
+    scales (``qat_scales.safetensors``), QERA's low-rank terms (``adapter/``)."""
+    with writing_final(final_dir) as tmp:  # atomic: a failed write leaves no partial final/
+        save_final(student, tokenizer, tmp, dtype)
+        if method == "nf4":
+            annotate_final(tmp, info["nf4_layers"])
+        if folds:
+            write_scales(tmp, folds)
+        if lora:
+            save_adapter(student, lora, tmp / ADAPTER_DIR)
+
+
+def evaluate_ptq(recipe: Recipe, method: str, final_dir: Path, valid_set, teacher, device, result: dict) -> None:
+    """final/ as loaded from disk (with its adapter), as ``qat train`` evaluates it: perplexity,
+    KL to the teacher, and the per-layer output errors on held-out blocks. Fills ``result``."""
+    ev, timings = recipe.eval, result["timings"]
+    model, _ = load_model_dir(final_dir, "float32", str(device), recipe.model.trust_remote_code)  # exact weights, fp32 arithmetic
+    if teacher is not None:
+        teacher.to(device)
     t_phase = time.perf_counter()
-
-    save_dtype = DTYPES[save_dtype_name]
-    final_dir = out / "final"
-    save_final(student, tokenizer, final_dir, save_dtype)
-    if method == "nf4":
-        from .nf4 import annotate_final
-
-        annotate_final(final_dir, info["nf4_layers"])
-    if folds:
-        from safetensors.torch import save_file
-
-        from ..diagnostic import SCALES_FILE
-
-        save_file({f"{n}.{k}": t.clone().contiguous() for n, d in folds.items() for k, t in d.items()}, str(final_dir / SCALES_FILE))
-    if lora:
-        save_adapter(student, lora, final_dir / "adapter")
-    del student
-    timings["save_s"] = time.perf_counter() - t_phase
-    from ..diagnostic import bits_per_weight
-    result = {
-        "method": method,
-        "bits": sorted({s.bits for s in plan.values()}),
-        "group_size": sorted({s.group_size or 0 for s in plan.values()}),
-        "quantized_layers": len(plan),
-        "bits_per_weight": 4 + 32 / 64 if method == "nf4" else bits_per_weight(final_dir),  # nf4: fp32 absmax per 64
-        "calib_tokens": calib.n_tokens if calib is not None else 0,
-        "calib_sequences": len(calib) if calib is not None else 0,
-        "calib_budget": why,
-        "device": str(device),
-        "offload": offload,
-        "quant_time_s": quant_time,
-        "wall_time_s": None,
-        "details": info if method in ("gptq", "awq") else {"note": "bitsandbytes NF4 blocksize 64, not on qat's integer grid"} if method == "nf4" else None,
-        "lora_rank": recipe.ptq.qera.rank if lora else None,
-        "timings": timings,
-    }
-    if valid_set is not None:  # final/ as loaded from disk (with its adapter), as qat train evaluates it
-        ev = recipe.eval
-        model, _ = load_model_dir(final_dir, "float32", str(device))  # exact weights, fp32 arithmetic
-        if teacher is not None:
-            teacher.to(device)
+    s = perplexity(model, valid_set, ev.batch_size, ev.max_batches, teacher=teacher, desc=f"eval {method}")
+    result["student"] = {k: v for k, v in s.items() if not k.startswith("teacher_")}
+    line = f"{method}: perplexity {s['ppl']:.3f} over {s['tokens']} tokens"
+    if teacher is not None:
+        result["teacher"] = {"ppl": s["teacher_ppl"], "nll": s["teacher_nll"], "tokens": s["tokens"]}
+        timings["eval_s"] = time.perf_counter() - t_phase
         t_phase = time.perf_counter()
-        s = perplexity(model, valid_set, ev.batch_size, ev.max_batches, teacher=teacher, desc=f"eval {method}")
-        result["student"] = {k: v for k, v in s.items() if not k.startswith("teacher_")}
-        if teacher is not None:
-            result["teacher"] = {"ppl": s["teacher_ppl"], "nll": s["teacher_nll"], "tokens": s["tokens"]}
-            timings["eval_s"] = time.perf_counter() - t_phase
-            t_phase = time.perf_counter()
-            held = heldout_blocks(valid_set, recipe.ptq.diag_tokens)
-            errs = layer_output_errors(teacher, {method: effective_weights(final_dir)}, held, ev.batch_size)[method]
-            result["layer_errors"] = errs
-            result["mean_layer_error"] = mean_error(errs)
-            result["diag_tokens"] = held.n_tokens
-            timings["layer_errors_s"] = time.perf_counter() - t_phase
-        line = f"{method}: perplexity {s['ppl']:.3f} over {s['tokens']} tokens"
-        if teacher is not None:
-            line += f", teacher {s['teacher_ppl']:.3f}, KL {s['kl_to_teacher']:.4f}, mean layer output error {result['mean_layer_error']:.4f}"
-        print(line)
-    result["wall_time_s"] = time.perf_counter() - t_start
-    (out / "eval.json").write_text(json.dumps(result, indent=1))
-    return out
+        held = heldout_blocks(valid_set, recipe.ptq.diag_tokens)
+        errs = layer_output_errors(teacher, {method: effective_weights(final_dir)}, held, ev.batch_size)[method]
+        result.update(layer_errors=errs, mean_layer_error=mean_error(errs), diag_tokens=held.n_tokens)
+        timings["layer_errors_s"] = time.perf_counter() - t_phase
+        line += f", teacher {s['teacher_ppl']:.3f}, KL {s['kl_to_teacher']:.4f}, mean layer output error {result['mean_layer_error']:.4f}"
+    print(line)

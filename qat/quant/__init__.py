@@ -2,7 +2,7 @@
 
 from .apply import DEFAULT_TARGETS, QuantReport, dequantize_model, qat_linears, quantize_model
 from .freeze import OV_PATTERNS, POLICIES, apply_freeze
-from .grid import dequantize, fake_quantize, fake_quantize_ste, minmax_qparams, mse_clip_ratio, quantize, qrange
+from .grid import dequantize, fake_quantize, fake_quantize_ste, minmax_qparams, mse_clip_ratio, qrange, quantize
 from .linear import QATLinear, QuantizedWeight
 from .scheme import SUPPORTED_BITS, QuantConfigError, QuantScheme
 

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .fused import KERNELS
+from .grid import minmax_qparams, mse_clip_ratio
 from .linear import QATLinear
 from .scheme import QuantConfigError, QuantScheme
 
@@ -148,7 +150,6 @@ def reinit_qparams(model: nn.Module) -> int:
     """Re-initialise the qparams of every non-fixed ``QATLinear`` from its current weight, as at
     wrap time (``scheme.scale_init``: min-max, or the MSE clip search), writing into the existing
     tensors so an optimizer holding learnable scales keeps them. Returns the number of layers."""
-    from .grid import minmax_qparams, mse_clip_ratio
 
     n = 0
     for layer in qat_linears(model).values():
@@ -168,3 +169,15 @@ def reinit_qparams(model: nn.Module) -> int:
             layer.clip_ratio.copy_(ratio)
         n += 1
     return n
+
+
+def set_kernel(model: nn.Module, kernel: str) -> int:
+    """Choose the fake-quant implementation (``fused.KERNELS``) of every QATLinear in ``model``
+    (the recipe's ``quant.kernel``); returns how many layers."""
+
+    if kernel not in KERNELS:
+        raise QuantConfigError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    layers = [m for m in model.modules() if isinstance(m, QATLinear)]
+    for m in layers:
+        m.kernel = kernel
+    return len(layers)

@@ -34,8 +34,9 @@ _state = {"kernel": "auto"}
 
 
 def set_kernel(name: str) -> None:
-    """Process-wide choice of the fake-quant implementation (the recipe's ``quant.kernel``; the
-    environment variable ``QAT_QUANT_KERNEL`` sets the default, e.g. for benchmarks)."""
+    """The process default of the fake-quant implementation, for layers that do not choose
+    (``QATLinear.kernel`` is None); the environment variable ``QAT_QUANT_KERNEL`` sets it, e.g. for
+    benchmarks. A recipe's ``quant.kernel`` is set per layer (``qat.quant.apply.set_kernel``)."""
     if name not in KERNELS:
         raise ValueError(f"quant.kernel must be one of {KERNELS}, got {name!r}")
     _state["kernel"] = name
@@ -48,9 +49,10 @@ def get_kernel() -> str:
     return _state["kernel"]
 
 
-def use_fused(device: torch.device) -> bool:
-    """Whether a layer whose weight lives on ``device`` takes the compiled path."""
-    k = _state["kernel"]
+def use_fused(device: torch.device, kernel: str | None = None) -> bool:
+    """Whether a layer whose weight lives on ``device`` takes the compiled path; ``kernel`` is the
+    layer's own choice (``QATLinear.kernel``, set from the recipe), else the process default."""
+    k = kernel or _state["kernel"]
     if k == "auto":
         return device.type == "cuda"
     return k == "compile"

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import fused
 from .grid import (
     check_finite,
     dequantize,
@@ -46,7 +47,6 @@ from .grid import (
     quantize,
     round_ste,
 )
-from . import fused
 from .scheme import QuantScheme
 
 
@@ -65,6 +65,7 @@ class QuantizedWeight:
 
 class QATLinear(nn.Linear):
     quant_enabled = True  # False: forward is the plain Linear (fixed/frozen layers stay on their grid)
+    kernel: str | None = None  # fake-quant implementation (fused.KERNELS); None: the process default
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, **kw):
         super().__init__(in_features, out_features, bias=bias, **kw)
@@ -128,7 +129,7 @@ class QATLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.scheme.act_bits is not None:
             x = fake_quantize_activation(x, self.scheme.act_bits)
-        if fused.use_fused(self.weight.device) and type(self).fake_quantized_weight is QATLinear.fake_quantized_weight:
+        if fused.use_fused(self.weight.device, self.kernel) and type(self).fake_quantized_weight is QATLinear.fake_quantized_weight:
             return F.linear(x, self.fused_fake_quantized_weight(x.device.type), self.bias)
         return F.linear(x, self.fake_quantized_weight(), self.bias)
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distill import kd_token_loss
+from ..distill import kd_token_loss
 
 
 @torch.no_grad()

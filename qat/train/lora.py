@@ -26,12 +26,14 @@ import re
 import torch
 from torch import Tensor, nn
 
-from .deps import require
-from .quant.apply import _parent, qat_linears
-from .quant.grid import fake_quantize, fake_quantize_ste, minmax_qparams
-from .quant.linear import QATLinear
-
-ADAPTER_DIR = "adapter"
+from ..data.plans import calibration_blocks
+from ..deps import require
+from ..io.final import ADAPTER_DIR, save_final
+from ..quant.apply import _parent, qat_linears
+from ..quant.grid import fake_quantize, fake_quantize_ste, minmax_qparams
+from ..quant.linear import QATLinear
+from ..quant.lowrank import lowrank_factors
+from ..recipe import RecipeError
 
 
 # -- variant (b): the quantizer sees W + s B A ------------------------------------------------
@@ -89,7 +91,6 @@ def merge_lora_(model: nn.Module) -> int:
 # -- which layers --------------------------------------------------------------------------
 def lora_targets(model: nn.Module, patterns: list[str] | None) -> list[str]:
     """Quantized, non-frozen layers matching ``patterns`` (``re.search``; default: all)."""
-    from .recipe import RecipeError
 
     layers = {n: m for n, m in qat_linears(model).items() if not m.frozen}
     regs = [re.compile(p) for p in patterns or []]
@@ -154,7 +155,6 @@ def apply_lora(model: nn.Module, recipe, calib=None, init: bool = True) -> nn.Mo
 def init_base(layer: QATLinear, how: str, p, r_mat: Tensor | None) -> tuple[Tensor, Tensor] | None:
     """Freeze ``layer`` at its quantized base and return the adapter's start ``(A, B)`` with
     ``B A`` = the correction (None for gaussian: PEFT initialises it)."""
-    from .ptq.qera import lowrank_factors
 
     s = layer.scheme
     w = layer.weight.detach().double()
@@ -212,7 +212,6 @@ def init_calibration(recipe, train_set):
     """The first ``peft.init_tokens`` tokens of the run's epoch-0 order (for ``init: qera``)."""
     if recipe.peft is None or recipe.peft.init != "qera":
         return None
-    from .ptq.run import calibration_blocks
 
     return calibration_blocks(train_set, recipe.peft.init_tokens, recipe.train.seed)
 
@@ -222,8 +221,6 @@ def save_lora_final(model: nn.Module, tokenizer, out_dir, dtype: torch.dtype) ->
     """``final/`` of a (possibly LoRA) student: merged mode merges and re-quantizes; separate mode
     saves the adapter to ``final/adapter/`` and the quantized base to ``final/``."""
     from pathlib import Path
-
-    from .final import save_final
 
     out_dir = Path(out_dir)
     if hasattr(model, "peft_config"):  # separate: a PeftModel

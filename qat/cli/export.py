@@ -6,8 +6,8 @@ import sys
 
 
 def run(args) -> int:
-    from .deps import MissingDependency
-    from .export import ExportError, export
+    from ..deps import MissingDependency
+    from ..export import ExportError, export
 
     try:
         export(args.run_dir, args.format, args.out, merge=args.merge_lora, overwrite=args.overwrite, verify=args.verify,
@@ -19,7 +19,7 @@ def run(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from .export import FORMATS
+    from ..export import FORMATS
 
     e = sub.add_parser(
         "export",

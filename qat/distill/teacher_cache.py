@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from .distill import TopK
-from .generate import SHARD, save_shard
-from .recipe import Recipe, RecipeError
+from ..data.generate import SHARD, save_shard
+from ..io.models import load_teacher
+from ..recipe import Recipe, RecipeError
+from .losses import TopK
 
 META = "meta.json"
 
@@ -118,7 +119,8 @@ def precompute(recipe: Recipe, blocks, block_indices: torch.Tensor, accelerator=
     todo = [i for i in needed_shards(block_indices, c.shard_blocks) if not (d / SHARD.format(i)).exists()]
     mine = todo[rank::world]
     if mine:
-        teacher, device = _load_teacher(recipe, accelerator)
+        device = accelerator.device if accelerator else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        teacher = load_teacher(recipe, device)
         bar = tqdm(total=len(mine), desc=f"teacher top-{c.top_k} cache", disable=not progress or rank != 0, dynamic_ncols=True)
         for i in mine:
             lo, hi = i * c.shard_blocks, min((i + 1) * c.shard_blocks, len(blocks))
@@ -131,21 +133,6 @@ def precompute(recipe: Recipe, blocks, block_indices: torch.Tensor, accelerator=
     if accelerator:
         accelerator.wait_for_everyone()
     return d
-
-
-def _load_teacher(recipe: Recipe, accelerator):
-    from transformers import AutoModelForCausalLM
-
-    from .train import DTYPES
-
-    device = accelerator.device if accelerator else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = AutoModelForCausalLM.from_pretrained(
-        recipe.teacher_path,
-        dtype=DTYPES[recipe.teacher.dtype],
-        trust_remote_code=recipe.model.trust_remote_code,
-        attn_implementation=recipe.model.attn_implementation,
-    )
-    return teacher.to(device).eval().requires_grad_(False), device
 
 
 @torch.no_grad()

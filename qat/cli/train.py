@@ -10,7 +10,7 @@ from pathlib import Path
 
 def resume_hint(recipe, args) -> str:
     """Where the newest complete checkpoint is, and the command that continues from it."""
-    from .checkpoint import latest_checkpoint
+    from ..io.checkpoint import latest_checkpoint
 
     out = Path(recipe.output_dir)
     last = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
@@ -22,11 +22,11 @@ def resume_hint(recipe, args) -> str:
 
 
 def run(args) -> int:
-    from .recipe import load_recipe
+    from ..recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from .checkpoint import CheckpointError
-    from .train import LaunchError, TrainingStopped, train  # heavy imports only once the recipe is known to be valid
+    from ..io.checkpoint import CheckpointError
+    from ..train.loop import LaunchError, TrainingStopped, train  # heavy imports only once the recipe is known to be valid
 
     try:
         out = train(recipe, overwrite=args.overwrite)

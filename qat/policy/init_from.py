@@ -19,16 +19,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .diagnostic import SCALES_FILE, effective_weights
-from .final import QPARAMS_FILE, load_quant_layers
-from .quant.apply import qat_linears, reinit_qparams
-from .quant.grid import minmax_qparams
-from .recipe import RecipeError
+from ..io.final import QUANT_FILE, SCALES_FILE, effective_weights, has_adapter, load_quant_layers, read_qparams
+from ..quant.apply import qat_linears, reinit_qparams
+from ..quant.grid import minmax_qparams
+from ..recipe import RecipeError
 
 
 def final_dir_of(run: str | Path) -> Path:
     run = Path(run).expanduser()
-    return run if (run / "qat_quant.json").is_file() else run / "final"
+    return run if (run / QUANT_FILE).is_file() else run / "final"
 
 
 def check_layers(schemes: dict, run: str | Path) -> None:
@@ -56,15 +55,13 @@ def load_quantized_start(model: nn.Module, run: str | Path) -> str:
     layers = qat_linears(model)
     check_layers({n: m.scheme for n, m in layers.items()}, run)
     weights = effective_weights(final, list(layers))
-    on_grid = not (final / "adapter" / "adapter_config.json").exists() and not (final / SCALES_FILE).exists()
+    on_grid = not has_adapter(final) and not (final / SCALES_FILE).exists()
     for name, layer in layers.items():
         layer.weight.copy_(weights[name].to(layer.weight.dtype))
     if not on_grid:
         reinit_qparams(model)
         return f"quant.init_from: {len(layers)} layers from {final} (weights with their low-rank/folded corrections; qparams re-initialised)"
-    from safetensors.torch import load_file
-
-    qp = load_file(str(final / QPARAMS_FILE))
+    qp = read_qparams(final)
     for name, layer in layers.items():
         scale = qp[f"{name}.weight_scale"].float().to(layer.weight.device)
         zero = qp[f"{name}.weight_zero_point"].float().to(layer.weight.device)

@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import datasets
     import transformers
 
-    from .recipe import DataSection
+    from ..recipe import DataSection
 
 EOT = "<|endoftext|>"
 

@@ -1,28 +1,29 @@
 """``qat`` command line: thin wrappers that parse, call, and turn recipe errors into exit code 2.
 
-Each command lives next to the code it drives and registers itself with ``add_parser(sub)``;
-``COMMANDS`` lists those modules in the order ``qat --help`` shows them.
+Each command is a module of this package (argparse and printing only) that registers itself with
+``add_parser(sub)`` and calls the library; ``COMMANDS`` lists them in the order ``qat --help`` shows.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import sys
 
-from .deps import MissingDependency
-from .quant.scheme import QuantConfigError
-from .recipe import RecipeError, UsageError
+from ..deps import MissingDependency
+from ..quant.scheme import QuantConfigError
+from ..recipe import RecipeError, UsageError
+from . import analyze, compare, export, ptq, train
+from . import eval as eval_cmd
 
-COMMANDS = ("qat.train_cli", "qat.export_cli", "qat.ptq_cli", "qat.eval_cli", "qat.compare", "qat.analyze_cli")
+COMMANDS = (train, export, ptq, eval_cmd, compare, analyze)  # the order `qat --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="qat", description="Quantization-aware fine-tuning of Hugging Face causal LMs.")
     sub = p.add_subparsers(dest="command", required=True)
     for module in COMMANDS:
-        importlib.import_module(module).add_parser(sub)
+        module.add_parser(sub)
     return p
 
 

@@ -17,76 +17,13 @@ the teacher); ``qat compare`` prints both side by side.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from .final import load_quant_layers
-
-SCALES_FILE = "qat_scales.safetensors"  # per-channel factors PTQ folded into layers (AWQ)
-
-
-def _safetensor_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
-    return [model_dir / "model.safetensors"]
-
-
-def _lora_scaling(cfg: dict, name: str) -> float:
-    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
-    for key, v in (cfg.get("rank_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", name):
-            r = v
-    for key, v in (cfg.get("alpha_pattern") or {}).items():
-        if re.fullmatch(rf"(.*\.)?{key}", name):
-            alpha = v
-    return alpha / (r**0.5 if cfg.get("use_rslora") else r)
-
-
-@torch.no_grad()
-def effective_weights(final_dir: str | Path, names: list[str] | None = None) -> dict[str, Tensor]:
-    """``{layer: W_hat}`` (float32, CPU) of the quantized layers of a ``final/`` directory,
-    including the LoRA correction of ``final/adapter`` when present."""
-    from safetensors import safe_open
-
-    final_dir = Path(final_dir)
-    wanted = list(names if names is not None else load_quant_layers(final_dir))
-    keys = {f"{n}.weight": n for n in wanted}
-    out: dict[str, Tensor] = {}
-    for f in _safetensor_files(final_dir):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():
-                if k in keys:
-                    out[keys[k]] = st.get_tensor(k).float()
-    missing = [n for n in wanted if n not in out]
-    if missing:
-        raise KeyError(f"{final_dir}: no weights for {missing[:3]}")
-    adapter = final_dir / "adapter"
-    if (adapter / "adapter_config.json").exists():
-        from safetensors.torch import load_file
-
-        cfg = json.loads((adapter / "adapter_config.json").read_text())
-        tensors = load_file(str(adapter / "adapter_model.safetensors"))
-        factors: dict[str, dict[str, Tensor]] = {}
-        for k, t in tensors.items():
-            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", k)
-            if m:
-                factors.setdefault(m.group(1), {})[m.group(2)] = t.float()
-        for n, ab in factors.items():
-            if n in out:
-                out[n] = out[n] + _lora_scaling(cfg, n) * (ab["B"] @ ab["A"])
-    if (final_dir / SCALES_FILE).exists():
-        from safetensors.torch import load_file
-
-        for k, s in load_file(str(final_dir / SCALES_FILE)).items():
-            n, _, kind = k.rpartition(".")
-            if n in out:
-                out[n] = out[n] * s.float().unsqueeze(1) if kind == "output_scale" else out[n] / s.float()
-    return out
+from ..io.final import _safetensor_files, load_quant_layers
 
 
 @torch.no_grad()
@@ -177,14 +114,6 @@ def bits_per_weight(final_dir: str | Path, scale_bits: int = 16) -> float | None
 def mean_error(errors: dict[str, float]) -> float:
     vals = [e for e in errors.values() if e == e]
     return sum(vals) / len(vals) if vals else float("nan")
-
-
-def heldout_blocks(valid_set, n_tokens: int):
-    """The first ``n_tokens`` tokens' worth of rows of the validation blocks (never calibrated on)."""
-    from .data import TokenBlocks
-
-    rows = max(1, min(len(valid_set), -(-n_tokens // valid_set.input_ids.shape[1])))
-    return TokenBlocks(valid_set.input_ids[:rows], valid_set.attention_mask[:rows])
 
 
 def local_vs_global_inversions(rows: list[dict]) -> list[tuple[str, str]]:

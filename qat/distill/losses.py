@@ -5,7 +5,7 @@ padding (label -100) masked out, and averaged over the real tokens, not over the
 Computation is in float32 whatever the logits' dtype.
 
 The teacher comes either as full logits ``[B, T, V]`` or as its top-k (``TopK``: ids and logits
-``[B, T, k]``, e.g. read from the teacher cache, ``qat/teacher_cache.py``). The top-k KD loss of a
+``[B, T, k]``, e.g. read from the teacher cache, ``qat/distill/teacher_cache.py``). The top-k KD loss of a
 token is defined as follows: the teacher distribution is the softmax of its top-k logits / T,
 i.e. the teacher renormalised over its k ids and zero elsewhere; the student's log-probabilities
 are the log-softmax of its logits / T over the *full* vocabulary, gathered at those ids. Then

@@ -6,14 +6,14 @@ Writes to ``<output_dir>-ptq-<method>`` (beside the QAT run of the same recipe),
 
 from __future__ import annotations
 
-from .recipe import PTQ_METHODS
+from ..recipe import PTQ_METHODS
 
 
 def run(args) -> int:
-    from .recipe import load_recipe
+    from ..recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    from .ptq import run_ptq
+    from ..ptq import run_ptq
 
     explicit = any(o.split("=", 1)[0] == "output_dir" for o in args.overrides)
     out = run_ptq(recipe, args.method, recipe.output_dir if explicit else None, overwrite=args.overwrite)

@@ -16,6 +16,8 @@ import re
 import shutil
 from pathlib import Path
 
+from .rundir import fsync_dir, write_json_atomic
+
 STATE_FILE = "qat_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-step-"
@@ -61,11 +63,11 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) 
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            _write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
+            write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
             if final.exists():  # a complete checkpoint of the same step (e.g. re-run): replace it
                 _remove(final)
             os.replace(tmp, final)
-            _fsync_dir(root)
+            fsync_dir(root)
     except BaseException as e:
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -91,20 +93,3 @@ def _remove(ckpt: Path) -> None:
         shutil.rmtree(doomed, ignore_errors=True)
     os.replace(ckpt, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

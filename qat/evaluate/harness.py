@@ -19,8 +19,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from .deps import require
-from .recipe import RecipeError
+from ..deps import require
+from ..recipe import RecipeError
 
 
 def _records(path: Path) -> list[dict]:

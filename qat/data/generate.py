@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from .data import TokenBlocks, build_datasets
+from ..io.models import load_teacher
+from .corpus import TokenBlocks, build_datasets
 
 SHARD = "shard-{:05d}.safetensors"
 META = "meta.json"
@@ -101,15 +102,8 @@ def generate_cached(recipe, tokenizer, device=None, progress: bool = True) -> Pa
     n_shards = -(-params["count"] // params["batch_size"])
     todo = [i for i in range(n_shards) if not (d / SHARD.format(i)).exists()]
     if todo:
-        from transformers import AutoModelForCausalLM
-
-        from .train import DTYPES
-
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        teacher = AutoModelForCausalLM.from_pretrained(
-            recipe.teacher_path, dtype=DTYPES[recipe.teacher.dtype if recipe.teacher else "float32"],
-            trust_remote_code=recipe.model.trust_remote_code,
-        ).to(device).eval()
+        teacher = load_teacher(recipe, device)
         vocab = teacher.get_output_embeddings().weight.shape[0]
         exclude = _special_ids(tokenizer)
         done = params["batch_size"] * (n_shards - len(todo))

@@ -1,4 +1,5 @@
-"""``qat eval MODEL_OR_RUN_DIR [--data FILE ...] [--seq-len N] [--stride S] [--teacher PATH] [--tasks ...]``.
+"""Evaluate a run's final/ or any model directory on a run's validation split or on text files:
+the library side of ``qat eval`` (the command line is ``qat.cli.eval``).
 
 - a run directory (``qat train`` / ``qat ptq``): evaluates ``final/`` (with ``final/adapter`` when
   there is one); data, sequence length, document separator, token cap (``data.max_valid_tokens``)
@@ -7,48 +8,51 @@
 - a model directory or hub id: ``--data`` is required.
 
 Perplexity over non-overlapping windows of the document stream (``eos`` before every document,
-the remainder dropped), or overlapping ones with ``--stride`` (each token scored once, with at
-least ``seq_len - stride`` tokens of context); deterministic; prints and writes (``--out``) the
-number of tokens evaluated, and the KL to the teacher when one is given. ``--tasks`` runs
-lm-evaluation-harness tasks (``pip install 'qat[eval]'``) on the same in-memory model; a task may
-be a local ``.json`` / ``.jsonl`` file (see ``qat/harness.py``).
+the remainder dropped), or overlapping ones with ``stride`` (each token scored once, with at
+least ``seq_len - stride`` tokens of context); deterministic. ``tasks`` runs
+lm-evaluation-harness tasks on the same in-memory model (``harness.py``).
 """
 
 from __future__ import annotations
 
-import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from .deps import available, hint
-from .recipe import RecipeError, UsageError
+import torch
+
+from ..data import load_documents
+from ..deps import available, hint
+from ..io.models import load_model_dir
+from ..recipe import DataSection, RecipeError, UsageError, load_recipe
+from .harness import run_lm_eval
+from .perplexity import make_windows, perplexity, token_stream
 
 DEFAULT_SEPARATOR = "\n<|endoftext|>\n"
 
 
-def load_model_dir(path: str | Path, dtype: str = "float32", device: str = "cpu"):
-    """``(model, tokenizer)`` of a model directory; applies ``adapter/`` (PEFT) when present."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class EvalRequest:
+    """What to evaluate and how (the options of ``qat eval``)."""
 
-    from .train import DTYPES
-
-    path = Path(path)
-    kw = {} if dtype == "auto" else {"dtype": DTYPES[dtype]}
-    model = AutoModelForCausalLM.from_pretrained(str(path), **kw)
-    adapter = path / "adapter"
-    if (adapter / "adapter_config.json").exists():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter))
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model.to(torch.device(device)).eval().requires_grad_(False)
-    return model, tokenizer
+    model: str
+    data: list[str] | None = None
+    data_format: str = "auto"
+    seq_len: int | None = None
+    stride: int | None = None
+    max_tokens: int | None = None
+    doc_separator: str | None = None
+    teacher: str | None = None
+    no_teacher: bool = False
+    batch_size: int = 8
+    dtype: str = "float32"
+    device: str | None = None
+    tasks: list[str] | None = None
+    include_path: str | None = None
+    limit: int | None = None
 
 
 def run_recipe(run_dir: Path):
-    from .recipe import load_recipe
-
     path = run_dir / "recipe.yaml"
     return load_recipe(path, check_files=False) if path.exists() else None
 
@@ -78,13 +82,9 @@ def check_args(args, target: Path, recipe) -> list[str]:
     return problems
 
 
-def evaluate(args) -> dict:
-    import torch
-
-    from .data import load_documents
-    from .eval import make_windows, perplexity, token_stream
-    from .recipe import DataSection
-
+def evaluate_model(args: EvalRequest) -> dict:
+    """Perplexity (+ KL to a teacher, + lm-eval tasks) of a run's final/ or a model directory;
+    every problem with the request is reported before any weights load."""
     target = Path(args.model).expanduser()
     run_dir = target if (target / "final").is_dir() else None
     recipe = run_recipe(run_dir) if run_dir is not None else None
@@ -109,7 +109,8 @@ def evaluate(args) -> dict:
             raise UsageError("--data: the run's recipe has no validation split; pass --data")
         what = "the run's validation split"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_dir(run_dir / "final" if run_dir else target if target.exists() else args.model, args.dtype, device)
+    remote = recipe.model.trust_remote_code if recipe is not None else False  # the run's own setting
+    model, tokenizer = load_model_dir(run_dir / "final" if run_dir else target if target.exists() else args.model, args.dtype, device, remote)
 
     max_tokens = args.max_tokens
     if max_tokens is None and recipe is not None and not args.data:
@@ -122,7 +123,7 @@ def evaluate(args) -> dict:
     teacher = None
     teacher_path = args.teacher or (recipe.teacher_path if recipe is not None and recipe.teacher is not None else None)
     if teacher_path and not args.no_teacher:
-        teacher, _ = load_model_dir(teacher_path, args.dtype, device)
+        teacher, _ = load_model_dir(teacher_path, args.dtype, device, remote)
     res = perplexity(model, windows, args.batch_size, teacher=teacher, desc="eval")
     result = {
         "model": str(target),
@@ -137,46 +138,7 @@ def evaluate(args) -> dict:
     if teacher is not None:
         result.update(teacher=str(teacher_path), kl_to_teacher=res["kl_to_teacher"], teacher_ppl=res["teacher_ppl"])
     if args.tasks:
-        from .harness import run_lm_eval
-
         result["lm_eval"] = run_lm_eval(
             model, tokenizer, args.tasks, include_path=args.include_path, batch_size=args.batch_size, limit=args.limit, max_length=seq_len
         )
     return result
-
-
-def run(args) -> int:
-    result = evaluate(args)
-    line = f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seq_len']}, stride {result['stride']})"
-    if "kl_to_teacher" in result:
-        line += f"; teacher {result['teacher_ppl']:.4f}, KL to teacher {result['kl_to_teacher']:.5f}"
-    print(line)
-    for task, metrics in (result.get("lm_eval") or {}).items():
-        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-        print(f"  {task}: {shown}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
-    return 0
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity (+ KL to a teacher, + lm-eval tasks) of a model or run directory")
-    p.add_argument("model", metavar="MODEL_OR_RUN_DIR")
-    p.add_argument("--data", nargs="+", help="text/json/jsonl/parquet files or globs (.gz ok); default: the run's validation split")
-    p.add_argument("--data-format", default="auto", choices=["auto", "text", "json", "parquet"],
-                   help="format of --data files (default: from the extension; .jsonl is json)")
-    p.add_argument("--seq-len", type=int, help="window length (default: the run's data.seq_len)")
-    p.add_argument("--stride", type=int, help="window stride < seq-len for overlapping windows (default: no overlap)")
-    p.add_argument("--max-tokens", type=int, help="use only the first N tokens of the stream")
-    p.add_argument("--doc-separator", help=f"split texts into documents on this string (default: the run's, else {DEFAULT_SEPARATOR!r})")
-    p.add_argument("--teacher", help="model to report the KL to (default: the run's teacher)")
-    p.add_argument("--no-teacher", action="store_true", help="skip the KL to the run's teacher")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"])
-    p.add_argument("--device", help="default: cuda if available, else cpu")
-    p.add_argument("--tasks", nargs="+", help="lm-evaluation-harness task names or local .json/.jsonl task files")
-    p.add_argument("--include-path", help="directory of extra lm-eval task YAMLs")
-    p.add_argument("--limit", type=int, help="lm-eval: at most N examples per task")
-    p.add_argument("--out", help="write the result as JSON here")
-    p.set_defaults(func=run)

@@ -1,0 +1,115 @@
+"""Packing integer codes into int32 words (compressed-tensors' and GPTQ's layouts), and the checks of
+which schemes each format can hold."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import Tensor, nn
+
+from ..io.final import QUANT_FILE
+from ..quant.apply import DEFAULT_TARGETS
+from ..quant.linear import QuantizedWeight
+from .source import ExportError, _scheme_key, describe
+
+SERVABLE_BITS = (4, 8)  # vLLM's WNA16 kernels (compressed-tensors and GPTQ paths) take int4 and int8
+
+
+def unsigned_codes(qw: QuantizedWeight) -> Tensor:
+    """qat codes -> unsigned ``[0, 2^b - 1]`` (symmetric codes are signed in qat)."""
+    s = qw.scheme
+    return qw.codes + (2 ** (s.bits - 1) if s.symmetric else 0)
+
+
+def pack_rows(values: Tensor, bits: int) -> Tensor:
+    """Pack unsigned ``bits``-bit integers ``[rows, cols]`` along each row into int32
+    ``[rows, cols * bits / 32]``, low bits first: compressed-tensors' ``pack_to_int32`` (which
+    takes signed int8 values offset by ``2^(b-1)``). For 2/4/8 bits this is also GPTQ v1's layout."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    off = 2 ** (bits - 1)
+    if values.min() < 0 or values.max() > 2**bits - 1:
+        raise ValueError(f"pack_rows: values outside [0, {2**bits - 1}]")
+    if (values.shape[-1] * bits) % 32:
+        raise ValueError(f"pack_rows: {values.shape[-1]} values of {bits} bits do not fill whole int32 words")
+    return pack_to_int32((values.to(torch.int32) - off).to(torch.int8), bits)
+
+
+def zero_points(qw: QuantizedWeight) -> Tensor:
+    """Unsigned integer zero-points ``[out, n_groups]`` (``2^(b-1)`` for symmetric)."""
+    s = qw.scheme
+    z = qw.zero_point.round().to(torch.int32)
+    return z + (2 ** (s.bits - 1) if s.symmetric else 0)
+
+
+def _fake_hint(fmt: str) -> str:
+    return f"export it with --format fake (dequantized weights + {QUANT_FILE}) instead of a {fmt} checkpoint that would differ"
+
+
+def check_servable(layers: dict[str, dict], fmt: str, any_bits: bool = False) -> None:
+    """Refuse schemes a serving engine cannot take, naming the layers, and offer --format fake.
+    ``any_bits``: allow int2/int3 (packed densely by compressed-tensors 0.20 and loaded back by
+    transformers, but no vLLM kernel takes them; the int3 layout changed in compressed-tensors 2026)."""
+    bad_bits = {} if any_bits else {n: i["bits"] for n, i in layers.items() if i["bits"] not in SERVABLE_BITS}
+    if bad_bits:
+        bits = sorted(set(bad_bits.values()))
+        mixed = len(bad_bits) < len(layers)
+        shown = ", ".join(list(bad_bits)[:3]) + (" ..." if len(bad_bits) > 3 else "")
+        raise ExportError(
+            f"{fmt}: {len(bad_bits)} of {len(layers)} quantized layers are int{'/int'.join(map(str, bits))}"
+            f"{' (mixed precision)' if mixed else ''}, e.g. {shown}; serving engines (vLLM's compressed-tensors "
+            f"and GPTQ kernels) take int4 and int8 weights only. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}."
+        )
+    act = [n for n, i in layers.items() if i.get("act_bits")]
+    if act:
+        raise ExportError(
+            f"{fmt}: {len(act)} layers fake-quantize activations (act_bits=8, per-token absmax/127), which "
+            f"{fmt} does not express with these numerics (and final/ does not either); {_fake_hint(fmt)}."
+        )
+
+
+def check_compressed_tensors(layers: dict[str, dict], any_bits: bool = False) -> None:
+    check_servable(layers, "compressed-tensors", any_bits)
+    keys = {_scheme_key(i) for i in layers.values()}
+    if len(keys) > 1 and any(not k[2] for k in keys):
+        raise ExportError(
+            f"compressed-tensors: mixed precision ({'; '.join(describe(k) for k in sorted(keys, key=str))}) with asymmetric "
+            "layers cannot be loaded back exactly by transformers 5.23 + compressed-tensors 0.20 (the default load fails on "
+            "packed asymmetric zero-points, the dequantize=True load applies one scheme to every layer), so qat does not "
+            f"write it. Use one scheme, symmetric mixed precision, or {_fake_hint('compressed-tensors')}."
+        )
+
+
+def check_gptq_schemes(layers: dict[str, dict]) -> tuple[int, int | None]:
+    """GPTQ v1: int4/int8, symmetric, one (bits, group_size) for every layer."""
+    check_servable(layers, "gptq")
+    asym = [n for n, i in layers.items() if not i["symmetric"]]
+    if asym:
+        raise ExportError(
+            f"gptq: {len(asym)} layers are asymmetric; GPTQ v1 stores zero-1 in qzeros, which overflows for a zero-point "
+            "of 0, so qat writes symmetric GPTQ only. Export asymmetric schemes with --format compressed-tensors."
+        )
+    keys = {_scheme_key(i) for i in layers.values()}
+    if len(keys) > 1:
+        raise ExportError(
+            f"gptq: the layers use {len(keys)} schemes ({'; '.join(describe(k) for k in sorted(keys, key=str))}); a GPTQ v1 "
+            "config has one bits/group_size. Use --format compressed-tensors (one config group per scheme)."
+        )
+    bits, g, _ = next(iter(keys))
+    return bits, g
+
+
+def check_gptq_layers(layers: dict[str, dict], model: nn.Module) -> None:
+    """GPTQ loaders quantize every Linear of the transformer blocks and nothing else."""
+
+    block = re.compile(DEFAULT_TARGETS[0])
+    in_blocks = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and block.search(n)}
+    if in_blocks != set(layers):
+        missing = sorted(in_blocks - set(layers))[:3]
+        extra = sorted(set(layers) - in_blocks)[:3]
+        raise ExportError(
+            "gptq: GPTQ loaders quantize every Linear of the transformer blocks and nothing else, but this run "
+            f"quantized a different set (unquantized in blocks: {missing or '-'}; quantized outside: {extra or '-'}). "
+            "Use --format compressed-tensors, which lists the layers it quantizes."
+        )

@@ -1,0 +1,198 @@
+"""The run's deliverable: ``final/``, a Hugging Face model directory with on-grid weights.
+
+Every quantized Linear is replaced by a plain ``nn.Linear`` holding its dequantized weight, so
+``AutoModelForCausalLM.from_pretrained(final)`` loads it with plain transformers. Beside it:
+
+- ``qat_quant.json``: ``{"layers": {name: {"bits", "group_size", "symmetric", "frozen", "act_bits"}}}``
+- ``qat_qparams.safetensors``: ``<name>.weight_scale`` and ``<name>.weight_zero_point`` of every
+  quantized layer, so export can recover the integer codes exactly;
+- the tokenizer files;
+- what a PTQ method adds: ``qat_scales.safetensors`` (AWQ's folded factors), ``adapter/`` (a PEFT
+  adapter: QERA, LoRA-QAT), notes in ``qat_quant.json`` (NF4).
+
+This module is the format's one owner: every writer and reader of ``final/`` goes through it.
+``writing_final`` makes the write atomic: ``final/`` is built in a temporary directory beside it
+and renamed into place only when complete, so a failed or killed write never leaves a partial
+``final/`` (nor removes the previous one before the new one is whole).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from ..quant.apply import dequantize_model
+from .rundir import fsync_dir, write_json_atomic
+
+QUANT_FILE = "qat_quant.json"
+QPARAMS_FILE = "qat_qparams.safetensors"
+ADAPTER_DIR = "adapter"  # a PEFT adapter beside the on-grid base (LoRA-QAT, QERA)
+SCALES_FILE = "qat_scales.safetensors"  # per-channel factors PTQ folded into layers (AWQ)
+
+
+def final_dtype(recipe, config) -> str:
+    """The dtype ``final/`` (and so the export) is written in: ``model.save_dtype`` when set, else
+    the source checkpoint's own dtype (bf16 for Llama checkpoints), as llm-compressor writes and
+    vLLM serves (it casts an fp32 config to bf16), else ``model.dtype`` (a from-scratch model).
+    Read from the source config *before* weights load (loading sets the config to the load dtype)."""
+    if recipe.model.save_dtype is not None:
+        return recipe.model.save_dtype
+    source = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) if recipe.model.path else None
+    name = str(source).removeprefix("torch.") if source is not None else None
+    return name if name in ("float32", "bfloat16", "float16") else recipe.model.dtype
+
+
+@torch.no_grad()
+def save_final(model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype) -> dict[str, dict]:
+    """Dequantize ``model`` in place (its QATLinear layers become plain Linear layers), cast it
+    to ``dtype`` and save it to ``out_dir``. Returns the per-layer description."""
+    layers = dequantize_model(model, dtype)
+    model.to(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    qparams = {}
+    for name, info in layers.items():
+        qw = info.pop("_qweight")
+        qparams[f"{name}.weight_scale"] = qw.scale.contiguous().cpu()
+        qparams[f"{name}.weight_zero_point"] = qw.zero_point.contiguous().cpu()
+    write_quant_files(out_dir, layers, qparams)
+    return layers
+
+
+def load_quant_layers(final_dir: Path) -> dict[str, dict]:
+    """The ``layers`` of ``qat_quant.json`` (``{}`` when there is none)."""
+    path = Path(final_dir) / QUANT_FILE
+    return json.loads(path.read_text())["layers"] if path.exists() else {}
+
+
+def find_final(path: str | Path) -> Path | None:
+    """``path/final`` for a run directory, ``path`` itself for a ``final/`` (or a fake export:
+    config.json + qat_quant.json), else None."""
+    p = Path(path)
+    if (p / "final" / "config.json").is_file():
+        return p / "final"
+    if (p / "config.json").is_file() and (p / QUANT_FILE).is_file():
+        return p
+    return None
+
+
+def read_qparams(final_dir: Path) -> dict[str, Tensor] | None:
+    """``{"<layer>.weight_scale" / "<layer>.weight_zero_point": tensor}``, or None when absent."""
+    path = Path(final_dir) / QPARAMS_FILE
+    return load_file(str(path)) if path.is_file() else None
+
+
+def write_quant_files(out_dir: Path, layers: dict[str, dict], qparams: dict[str, Tensor]) -> None:
+    """``qat_qparams.safetensors`` (when there are quantized layers) and ``qat_quant.json``."""
+    if layers:
+        save_file(qparams, str(out_dir / QPARAMS_FILE))
+    write_json_atomic(out_dir / QUANT_FILE, {"layers": layers})
+
+
+def add_quant_note(final_dir: Path, key: str, value) -> None:
+    """Add ``key: value`` beside ``layers`` in ``qat_quant.json`` (e.g. NF4's note)."""
+    path = Path(final_dir) / QUANT_FILE
+    d = json.loads(path.read_text()) if path.exists() else {"layers": {}}
+    d[key] = value
+    write_json_atomic(path, d)
+
+
+def write_scales(final_dir: Path, folds: dict[str, dict[str, Tensor]]) -> None:
+    """``qat_scales.safetensors``: the per-channel factors PTQ folded into layers (AWQ)."""
+    save_file({f"{n}.{k}": t.clone().contiguous() for n, d in folds.items() for k, t in d.items()}, str(Path(final_dir) / SCALES_FILE))
+
+
+def has_adapter(final_dir: Path) -> bool:
+    return (Path(final_dir) / ADAPTER_DIR / "adapter_config.json").is_file()
+
+
+@contextmanager
+def writing_final(final_dir: Path):
+    """Yield a temporary directory to write ``final/`` into; on success it replaces ``final_dir``
+    (the previous one is moved aside first and deleted after), on failure it is removed."""
+    final_dir = Path(final_dir)
+    tmp = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}")
+    old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
+    for stale in [*final_dir.parent.glob(f".{final_dir.name}.tmp-*"), *final_dir.parent.glob(f".{final_dir.name}.old-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed write (qat's own names)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final_dir.exists():
+            os.replace(final_dir, old)
+        os.replace(tmp, final_dir)
+        fsync_dir(final_dir.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+
+def _safetensor_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
+    return [model_dir / "model.safetensors"]
+
+
+def _lora_scaling(cfg: dict, name: str) -> float:
+    r, alpha = cfg.get("r", 8), cfg.get("lora_alpha", 8)
+    for key, v in (cfg.get("rank_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            r = v
+    for key, v in (cfg.get("alpha_pattern") or {}).items():
+        if re.fullmatch(rf"(.*\.)?{key}", name):
+            alpha = v
+    return alpha / (r**0.5 if cfg.get("use_rslora") else r)
+
+
+@torch.no_grad()
+def effective_weights(final_dir: str | Path, names: list[str] | None = None) -> dict[str, Tensor]:
+    """``{layer: W_hat}`` (float32, CPU) of the quantized layers of a ``final/`` directory,
+    including the LoRA correction of ``final/adapter`` when present."""
+    from safetensors import safe_open
+
+    final_dir = Path(final_dir)
+    wanted = list(names if names is not None else load_quant_layers(final_dir))
+    keys = {f"{n}.weight": n for n in wanted}
+    out: dict[str, Tensor] = {}
+    for f in _safetensor_files(final_dir):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                if k in keys:
+                    out[keys[k]] = st.get_tensor(k).float()
+    missing = [n for n in wanted if n not in out]
+    if missing:
+        raise KeyError(f"{final_dir}: no weights for {missing[:3]}")
+    adapter = final_dir / ADAPTER_DIR
+    if (adapter / "adapter_config.json").exists():
+        from safetensors.torch import load_file
+
+        cfg = json.loads((adapter / "adapter_config.json").read_text())
+        tensors = load_file(str(adapter / "adapter_model.safetensors"))
+        factors: dict[str, dict[str, Tensor]] = {}
+        for k, t in tensors.items():
+            m = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.default)?\.weight", k)
+            if m:
+                factors.setdefault(m.group(1), {})[m.group(2)] = t.float()
+        for n, ab in factors.items():
+            if n in out:
+                out[n] = out[n] + _lora_scaling(cfg, n) * (ab["B"] @ ab["A"])
+    if (final_dir / SCALES_FILE).exists():
+        from safetensors.torch import load_file
+
+        for k, s in load_file(str(final_dir / SCALES_FILE)).items():
+            n, _, kind = k.rpartition(".")
+            if n in out:
+                out[n] = out[n] * s.float().unsqueeze(1) if kind == "output_scale" else out[n] / s.float()
+    return out

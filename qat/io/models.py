@@ -1,0 +1,106 @@
+"""One loader for everything a run loads: the tokenizer, the model config, the student, the
+teacher, and a saved model directory (``final/``, an export, any HF model dir).
+
+``model.revision``, ``model.trust_remote_code`` and ``model.attn_implementation`` are honoured
+by every load of the recipe's models (student, teacher, tokenizer), so a remote-code model that
+trains also loads its own ``final/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..deps import require
+from ..recipe import Recipe, RecipeError
+from .final import ADAPTER_DIR
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(recipe: Recipe, path: str | Path | None = None):
+    """The recipe's pretrained tokenizer (``tokenizer.path``, else ``model.path``), or the one
+    saved at ``path`` (a run's trained ``tokenizer/``)."""
+    if path is not None:
+        return AutoTokenizer.from_pretrained(path)
+    key = "tokenizer.path" if recipe.tokenizer.path else "model.path"
+    m = recipe.model
+    revision = m.revision if recipe.tokenizer_path == m.path else None
+    try:
+        return AutoTokenizer.from_pretrained(recipe.tokenizer_path, revision=revision, trust_remote_code=m.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise RecipeError(f"{key}: could not load a tokenizer from {recipe.tokenizer_path}: {first_line(e)}") from None
+
+
+def model_config(recipe: Recipe, tokenizer):
+    """The student's config: the checkpoint's, or ``model.config`` (a from-scratch model) with
+    the tokenizer's vocabulary size and special ids."""
+    m = recipe.model
+    if m.path is not None:
+        try:
+            return AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"model.path: could not load the config of {m.path}: {first_line(e)}") from None
+    kw = dict(m.config)
+    kw.setdefault("vocab_size", len(tokenizer))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        kw.setdefault(key, getattr(tokenizer, key))
+    if kw["model_type"] not in CONFIG_MAPPING:
+        raise RecipeError(f"model.config.model_type: unknown model type {kw['model_type']!r} (e.g. llama, mistral, qwen2, opt)")
+    try:
+        return AutoConfig.for_model(**kw)
+    except (ValueError, TypeError, KeyError) as e:
+        raise RecipeError(f"model.config: {first_line(e)}") from None
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+
+
+def load_student(recipe: Recipe, config) -> nn.Module:
+    m = recipe.model
+    kw = dict(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation, dtype=DTYPES[m.dtype])
+    if m.path is not None:
+        return AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, **kw)
+    return AutoModelForCausalLM.from_config(config, **kw)
+
+
+def load_teacher(recipe: Recipe, device: torch.device | str | None = None) -> nn.Module:
+    """The frozen teacher (``teacher.path``, default the original ``model.path``) in
+    ``teacher.dtype``, eval mode, no gradients. The one place a teacher is loaded."""
+    m = recipe.model
+    revision = m.revision if recipe.teacher_path == m.path else None  # the revision names the student's checkpoint
+    teacher = AutoModelForCausalLM.from_pretrained(
+        recipe.teacher_path,
+        revision=revision,
+        dtype=DTYPES[recipe.teacher.dtype if recipe.teacher is not None else "float32"],
+        trust_remote_code=m.trust_remote_code,
+        attn_implementation=m.attn_implementation,
+    )
+    if device is not None:
+        teacher.to(device)
+    return teacher.eval().requires_grad_(False)
+
+
+def load_models(recipe: Recipe, config, with_teacher: bool = True):
+    student = load_student(recipe, config)
+    teacher = load_teacher(recipe) if recipe.teacher is not None and with_teacher else None
+    return student, teacher
+
+
+def load_model_dir(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
+    """``(model, tokenizer)`` of a model directory (``final/``, an export); applies ``adapter/``
+    (PEFT) when present. ``trust_remote_code``: the run's ``model.trust_remote_code``."""
+    path = Path(path)
+    kw = {} if dtype == "auto" else {"dtype": DTYPES[dtype]}
+    model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kw)
+    adapter = path / ADAPTER_DIR
+    if (adapter / "adapter_config.json").exists():
+        peft = require("peft", f"{path}: its LoRA adapter (adapter/)")
+        model = peft.PeftModel.from_pretrained(model, str(adapter))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model.to(torch.device(device)).eval().requires_grad_(False)
+    return model, tokenizer

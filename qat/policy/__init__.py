@@ -1,0 +1,110 @@
+"""The recipe's quantization policy applied to a model: which Linears are fake-quantized and how
+(``quant``), which are frozen and from when (``freeze``), when fake-quant starts, where the
+qparams start from (``quant.init_from``, in ``init_from.py``). The same functions check a recipe
+on a weightless (meta) model before any weights load and build the real student."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from ..io.models import first_line
+from ..quant import QuantReport, apply_freeze, quantize_model
+from ..quant.apply import reinit_qparams, set_fake_quant, set_kernel
+from ..quant.scheme import QuantConfigError, QuantScheme
+from ..recipe import Recipe, RecipeError
+from .init_from import check_layers, load_quantized_start
+
+
+def dry_run_quant(recipe: Recipe, config) -> None:
+    """Apply quantization and freezing to a weightless (meta) copy of the model, so that bad
+    patterns or group sizes fail before any weights load."""
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    except (ValueError, TypeError, KeyError) as e:
+        raise RecipeError(f"{'model.path' if recipe.model.path else 'model.config'}: cannot build the model: {first_line(e)}") from None
+    try:
+        report, _ = build_student_quant(model, recipe, at_step=math.inf)  # a delayed freeze policy is checked too
+    except QuantConfigError as e:
+        key = _quant_error_key(str(e), recipe)
+        hint = ""
+        if key == "freeze.policy" and recipe.freeze.policy == "ov-freeze":
+            hint = " (this model has no such projections: set freeze.patterns to its value/output projections, e.g. OPT: ['\\.v_proj$', '\\.out_proj$'])"
+        raise RecipeError(f"{key}: {e}{hint}") from None
+    if recipe.quant is not None and recipe.quant.init_from is not None:
+        check_layers(report.layers, recipe.quant.init_from)
+
+
+def _quant_error_key(msg: str, recipe: Recipe) -> str:
+    """The recipe key a ``QuantConfigError`` from ``quantize_model`` / ``apply_freeze`` is about."""
+    if msg.startswith("freeze"):
+        return "freeze.patterns" if recipe.freeze.patterns else "freeze.policy"
+    for prefix, key in (("targets", "quant.targets"), ("ignore", "quant.ignore"), ("layer_schemes", "quant.overrides")):
+        if msg.startswith(prefix):
+            return key
+    layer = re.match(r"layer '([^']+)': group_size", msg)
+    if layer and recipe.quant is not None:  # the first override matching the layer gave it its group size
+        for i, o in enumerate(recipe.quant.overrides):
+            if re.search(o.pattern, layer.group(1)):
+                return f"quant.overrides.{i}.group_size" if o.group_size is not None else "quant.group_size"
+        return "quant.group_size"
+    return "quant"
+
+
+def build_student_quant(model: nn.Module, recipe: Recipe, init: bool = False, at_step: float = 0) -> tuple[QuantReport | None, list[str]]:
+    """Wrap the Linears (and with ``init``, load ``quant.init_from``: the real student only), then
+    freeze the layers whose freeze is in force at the top of step ``at_step`` (see ``freeze_due``)."""
+    report = None
+    if recipe.quant is not None:
+        q = recipe.quant
+        report = quantize_model(model, q.scheme(), q.targets, q.ignore, q.layer_schemes())
+        set_kernel(model, q.kernel)  # this model's layers only: no process-wide state
+        if init and q.init_from is not None:
+            print(load_quantized_start(model, q.init_from))
+    frozen = freeze_layers(model, recipe) if freeze_due(recipe, at_step) else []
+    return report, frozen
+
+
+def freeze_layers(model: nn.Module, recipe: Recipe) -> list[str]:
+    f = recipe.freeze
+    return apply_freeze(model, f.policy, f.patterns, scales=f.scales)
+
+
+def freeze_due(recipe: Recipe, step: float) -> bool:
+    """Is the freeze policy in force at the top of step ``step``? A delayed freeze
+    (``freeze.start_step`` N > 0) happens at the top of step N, so it is in force from N + 1 on."""
+    n = recipe.freeze.start_step
+    return n == 0 or n < step
+
+
+def schedule_transitions(model: nn.Module, recipe: Recipe, step: int, main: bool) -> None:
+    """The in-loop schedule, at the top of step ``step``: fake-quant switched on at
+    ``quant.start_step`` (qparams re-initialised from the weights trained so far), then the
+    delayed freeze at ``freeze.start_step`` (layers snapped to the grid they trained under)."""
+    q = recipe.quant
+    if q is not None and q.start_step and step == q.start_step:
+        set_fake_quant(model, True)
+        n = reinit_qparams(model)
+        if main:
+            print(f"step {step}: fake-quant on (quant.start_step), qparams of {n} layers re-initialised from the weights")
+    if recipe.freeze.start_step and step == recipe.freeze.start_step:
+        frozen = freeze_layers(model, recipe)
+        if main:
+            print(f"step {step}: {len(frozen)} layers frozen ({recipe.freeze.policy}, freeze.start_step)")
+
+
+def quant_plan(recipe: Recipe, config) -> dict[str, QuantScheme]:
+    """``{layer name: scheme}`` from the recipe's quant section, resolved on a weightless model."""
+    q = recipe.quant
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    try:
+        report = quantize_model(model, q.scheme(), q.targets, q.ignore, q.layer_schemes())
+    except QuantConfigError as e:
+        raise RecipeError(f"quant: {e}") from None
+    return dict(report.layers)

@@ -1,0 +1,447 @@
+"""The QAT loop on Accelerate: ``train()`` is a short sequence of named steps (start the
+processes, prepare the data and the run directory, build the models, resume, train, write final/,
+evaluate), each a function of the shared ``Run`` state that can be read and tested alone.
+
+Per optimizer step and micro-batch: teacher forward (no grad; or its top-k read from the
+teacher cache), student forward through the fake-quant layers, loss = kd_weight * KD +
+ce_weight * CE over the shifted real tokens (``qat.distill``, chunked over tokens),
+backward (Accelerate: DDP / FSDP, mixed precision, gradient accumulation), clip, step.
+
+Data order is a pure function of (seed, step): every epoch is a seeded permutation of the
+blocks; the global micro-batch k takes the next ``micro_batch_size * num_processes`` indices and
+rank r its own slice. A run resumed from step N therefore sees exactly the batches an
+uninterrupted run sees, and 1 process with batch 2B sees the same global batches as 2 with B.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.generate import build_run_datasets
+from ..data.plans import BatchPlan, batch_of, blocks_used
+from ..data.setup import check_positions, tokenizer_for
+from ..deps import require
+from ..distill import distill_loss
+from ..distill.teacher_cache import TeacherCache
+from ..distill.teacher_cache import check as check_teacher_cache
+from ..distill.teacher_cache import precompute as precompute_teacher_cache
+from ..evaluate.perplexity import perplexity
+from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint
+from ..io.final import final_dtype, writing_final
+from ..io.models import DTYPES, first_line, load_model_dir, load_models, load_student, model_config
+from ..io.rundir import RunLock, check_run_dir, create_run_dir, write_json_atomic, write_text_atomic
+from ..policy import build_student_quant, dry_run_quant, freeze_due, freeze_layers, schedule_transitions
+from ..quant.apply import set_fake_quant
+from ..recipe import Recipe, RecipeError
+from .lora import apply_lora, init_calibration, save_lora_final
+from .optim import build_optimizer, lr_at
+from .tracking import MetricsLog, init_tracking, make_accelerator, peak_memory_gb
+
+
+# -- setup ---------------------------------------------------------------------------------
+def check_output_dir(recipe: Recipe, overwrite: bool) -> Path | None:
+    """Refuse to clobber another run or anything qat did not create (``qat.io.rundir``); return
+    the checkpoint to resume from, if any. Writes nothing. A checkpoint from elsewhere only starts a
+    run in a directory that holds none (or with --overwrite)."""
+    out = Path(recipe.output_dir)
+    resume = recipe.checkpoint.resume
+    held = check_run_dir(out, "train", overwrite and resume is None)
+    if resume == "auto":
+        return latest_checkpoint(out / "checkpoints")
+    if resume is not None:
+        ckpt = Path(resume).resolve()
+        if held and (out / "checkpoints").resolve() not in ckpt.parents:
+            if not overwrite:
+                raise RecipeError(
+                    f"checkpoint.resume: {resume} is not a checkpoint of the run in output_dir {out}; "
+                    "pass --overwrite to replace that run, or choose another output_dir"
+                )
+            check_run_dir(out, "train", overwrite=True)  # replacing it: it must be a qat train run
+        return Path(resume)
+    if not overwrite and held:
+        raise RecipeError(
+            f"output_dir: {out} already holds a run; pass --overwrite to replace it or checkpoint.resume=auto to continue it"
+        )
+    return None
+
+
+def start_run_dir(recipe: Recipe, out: Path, tokenizer, clear: bool) -> RunLock:
+    """Lock the run directory, create it (after --overwrite: cleared of the old run's files) with
+    the resolved recipe and a trained tokenizer. Returns the lock, held until the run ends."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out).acquire()
+    create_run_dir(out, "train", clear)
+    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+    if recipe.tokenizer_path is None and not (out / "tokenizer" / "tokenizer.json").exists():
+        tokenizer.save_pretrained(out / "tokenizer")
+    return lock
+
+
+class LaunchError(RuntimeError):
+    """The processes were launched in a way that cannot train (the CLI: one line, exit code 2)."""
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped on purpose (too many non-finite steps); the message says why."""
+
+
+def nonfinite_step(step_sums: torch.Tensor, grad_norm: float | None, accelerator) -> str | None:
+    """Why this optimizer step must be skipped, or None. The same answer on every process: the
+    loss check is all-reduced, the gradient norm is already global. Under fp16 an overflowing
+    gradient is the GradScaler's to skip (it lowers the scale), not ours. Under DeepSpeed the
+    engine steps inside ``backward``: a bad step is counted (and stops the run) but not undone."""
+    bad_loss = accelerator.reduce((~torch.isfinite(step_sums)).any().float().reshape(1), reduction="sum")
+    if bad_loss.item() > 0:
+        return "non-finite loss"
+    if grad_norm is not None and not math.isfinite(grad_norm) and accelerator.scaler is None:
+        return "non-finite gradient norm"
+    return None
+
+
+def _as_float(x) -> float | None:
+    """A gradient norm as a float: None under DeepSpeed without one, a DTensor under FSDP2."""
+    if x is None:
+        return None
+    if hasattr(x, "full_tensor"):
+        x = x.full_tensor()
+    return float(x)
+
+
+def check_optional_deps(recipe: Recipe) -> None:
+    """The optional packages the recipe needs, checked before anything loads (one line each)."""
+    if recipe.train.optimizer != "adamw":
+        require("bitsandbytes", f"train.optimizer: {recipe.train.optimizer}")
+    if recipe.peft is not None:
+        require("peft", "the peft section (LoRA)")
+
+
+# -- the run's state and its steps -----------------------------------------------------------
+@dataclass
+class Run:
+    """Everything the steps of one run share: filled in by ``prepare_data`` and ``build_models``,
+    advanced by ``train_steps``."""
+
+    recipe: Recipe
+    out: Path
+    accelerator: object
+    tokenizer: object = None
+    config: object = None
+    save_dtype: str = "float32"
+    train_set: object = None
+    valid_set: object = None
+    plan: BatchPlan | None = None
+    max_steps: int = 0
+    cache: TeacherCache | None = None
+    student: nn.Module | None = None
+    teacher: nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    trainable: list = field(default_factory=list)
+    report: object = None
+    frozen: list = field(default_factory=list)
+    step: int = 0
+    bad_steps: int = 0
+    metrics: MetricsLog | None = None
+    lock: RunLock | None = None
+    t_start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def train(recipe: Recipe, overwrite: bool = False) -> Path:
+    """Run a recipe: check -> processes -> data and run directory -> models -> resume -> steps
+    (log, evaluate, checkpoint) -> final/ -> eval.json. Returns the run directory."""
+    check_optional_deps(recipe)
+    resume_from = check_output_dir(recipe, overwrite)
+    run = Run(recipe, Path(recipe.output_dir), start_processes(recipe))
+    try:
+        prepare_data(run, overwrite, resume_from)
+        build_models(run, init=resume_from is None)
+        resume(run, resume_from)
+        train_steps(run)
+        write_final(run)
+        evaluate_final(run)
+    finally:
+        if run.lock is not None:
+            run.lock.release()
+    run.accelerator.end_training()
+    return run.out
+
+
+def start_processes(recipe: Recipe):
+    """The Accelerator (and its trackers), checked against how the processes were launched."""
+    from accelerate.utils import set_seed
+
+    accelerator = make_accelerator(recipe, Path(recipe.output_dir))
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise LaunchError(
+            f"{launched} processes were launched but Accelerate sees {accelerator.num_processes}, so each would train "
+            "alone. On a machine without GPUs, launch with ACCELERATE_USE_CPU=1 (see launch/cpu-2proc.yaml)."
+        )
+    for key, n in (("quant.start_step", recipe.quant.start_step if recipe.quant else 0), ("freeze.start_step", recipe.freeze.start_step)):
+        if n and accelerator.num_processes > 1:  # DDP/FSDP fix the set of trained parameters when they wrap the model
+            raise RecipeError(f"{key}: a schedule inside the run is single-process for now ({accelerator.num_processes} processes launched)")
+    set_seed(recipe.train.seed)
+    if accelerator.is_main_process and recipe.model.trust_remote_code:
+        print(f"model.trust_remote_code is true: Python code shipped with {recipe.model.path or 'the model type'} "
+              "(and its teacher and tokenizer) will be executed")
+    return accelerator
+
+
+def prepare_data(run: Run, overwrite: bool, resume_from: Path | None) -> None:
+    """recipe -> tokenizer, config, a weightless check of quant/freeze -> data, all before the run
+    directory is touched: the main process goes first, and writes it only once everything passed.
+    Then the teacher's top-k cache, when the recipe asks for one."""
+    recipe, acc, t = run.recipe, run.accelerator, run.recipe.train
+    with acc.main_process_first():
+        run.tokenizer = tokenizer_for(recipe, run.out, reuse_trained=not run.main or recipe.checkpoint.resume is not None)
+        run.config = model_config(recipe, run.tokenizer)
+        run.save_dtype = final_dtype(recipe, run.config)  # from the source config, before loading changes it
+        check_positions(recipe, run.config)
+        dry_run_quant(recipe, run.config)
+        try:
+            run.train_set, run.valid_set = build_run_datasets(recipe, run.tokenizer)  # teacher-generated: cached samples
+        except ValueError as e:
+            raise RecipeError(str(e)) from None
+        run.plan = BatchPlan(len(run.train_set), t.micro_batch_size, acc.num_processes, acc.process_index, t.seed)
+        steps_per_epoch = run.plan.per_epoch // t.grad_accum
+        if steps_per_epoch == 0:
+            raise RecipeError(
+                f"train.micro_batch_size: one global batch (micro_batch_size x processes x train.grad_accum = "
+                f"{t.micro_batch_size * acc.num_processes * t.grad_accum} blocks) is more than the data's {len(run.train_set)} training blocks"
+            )
+        if recipe.distill.teacher_cache is not None:
+            check_teacher_cache(recipe, run.train_set)  # a cache made with other settings is refused here
+        if run.main:
+            run.lock = start_run_dir(recipe, run.out, run.tokenizer, clear=overwrite and resume_from is None)
+    run.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * steps_per_epoch)
+    if recipe.distill.teacher_cache is not None:  # the teacher's top-k computed once; then the teacher is not loaded
+        used = blocks_used(run.plan, run.max_steps * t.grad_accum)
+        run.cache = TeacherCache(precompute_teacher_cache(recipe, run.train_set, used, acc, run.main))
+
+
+def build_models(run: Run, init: bool) -> None:
+    """Student (fake-quant, frozen layers, LoRA) and teacher, the optimizer, Accelerate's wrapping."""
+    recipe, acc, t = run.recipe, run.accelerator, run.recipe.train
+    student, run.teacher = load_models(recipe, run.config, with_teacher=run.cache is None)
+    run.report, run.frozen = build_student_quant(student, recipe, init=init)
+    student = apply_lora(student, recipe, init_calibration(recipe, run.train_set))  # peft: LoRA-QAT
+    if run.main:
+        print(run.report.summary() if run.report else f"no quantization (quant: null): plain {'fine-tuning' if recipe.model.path else 'pretraining'}")
+        if run.frozen:
+            print(f"frozen at their quantized values ({recipe.freeze.policy}): {len(run.frozen)} layers")
+    if t.activation_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        student.config.use_cache = False
+    optimizer = build_optimizer(student, recipe)  # before a delayed freeze: the same parameter groups on resume
+    if recipe.quant is not None and recipe.quant.start_step:
+        set_fake_quant(student, False)  # plain fine-tuning until quant.start_step
+    run.student, run.optimizer = acc.prepare(student, optimizer)
+    if t.compile:  # after the DDP / FSDP wrapping, as Accelerate's own dynamo plugin does (which
+        run.student = torch.compile(run.student)  # lives in its process-wide state: not set per run)
+    if run.teacher is not None:
+        # sharded like the student under FSDP; elsewhere only placed (DDP refuses a model with
+        # nothing to train, and a frozen teacher needs no gradient sync)
+        from accelerate.utils import DistributedType
+
+        run.teacher = acc.prepare_model(run.teacher, evaluation_mode=acc.distributed_type != DistributedType.FSDP)
+    run.trainable = [p for p in run.student.parameters() if p.requires_grad]
+
+
+def resume(run: Run, resume_from: Path | None) -> None:
+    """Load a checkpoint (model, optimizer, RNG, step), and open metrics.jsonl and the trackers."""
+    recipe, acc = run.recipe, run.accelerator
+    if resume_from is not None:
+        if recipe.freeze.start_step and freeze_due(recipe, read_state(resume_from)["step"]):
+            freeze_layers(acc.unwrap_model(run.student), recipe)  # the checkpoint holds the frozen layout
+        try:  # safetensors for the models; accelerate reads the rest with torch.load(weights_only=True)
+            acc.load_state(str(resume_from))
+        except Exception as e:
+            raise CheckpointError(f"could not load checkpoint {resume_from} ({e.__class__.__name__}: {first_line(e)})") from e
+        state = read_state(resume_from)
+        run.step, run.bad_steps = state["step"], state.get("bad_steps", 0)
+        if run.main:
+            print(f"resumed from {resume_from} at step {run.step}")
+    elif recipe.checkpoint.resume == "auto" and run.main:
+        print("checkpoint.resume=auto: no complete checkpoint found, starting from step 0")
+    init_tracking(recipe, acc, run.out)
+    run.metrics = MetricsLog(run.out / "metrics.jsonl", acc, run.step)
+
+
+def loss_on(run: Run, batch: dict, idx: torch.Tensor):
+    """(loss, kd, ce) of one micro-batch: student forward, teacher logits (live, from the top-k
+    cache, or none: CE only), the recipe's distillation loss."""
+    d = run.recipe.distill
+    logits = run.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    t_out = None
+    if run.cache is not None:
+        t_out = run.cache.lookup(idx, logits.device)
+    elif run.teacher is not None:
+        with torch.no_grad():
+            t_out = run.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    kd_w, ce_w = (d.kd_weight, d.ce_weight) if t_out is not None else (0.0, 1.0)
+    return distill_loss(logits, t_out, batch["labels"], d.loss, d.temperature, kd_w, ce_w, d.chunk_tokens)
+
+
+def optimizer_step(run: Run) -> tuple[torch.Tensor, str | None, float, int, int]:
+    """One optimizer step over ``grad_accum`` micro-batches. Returns the summed (loss, kd, ce,
+    count), why the step was skipped (None: it was taken), the gradient norm, tokens, epoch."""
+    acc, t = run.accelerator, run.recipe.train
+    sums, bad, grad_norm, tokens, epoch = torch.zeros(4, device=acc.device), None, float("nan"), 0, 0
+    for micro in range(t.grad_accum):
+        epoch, idx = run.plan.indices(run.step * t.grad_accum + micro)
+        batch = batch_of(run.train_set, idx, acc.device)
+        with acc.accumulate(run.student):
+            loss, kd, ce = loss_on(run, batch, idx)
+            acc.backward(loss)
+            sums += torch.stack([loss.detach(), (kd if kd is not None else loss).detach(), ce.detach(), torch.ones_like(ce)])
+            if acc.sync_gradients:
+                grad_norm = _as_float(acc.clip_grad_norm_(run.trainable, t.grad_clip or float("inf")))
+                bad = nonfinite_step(sums, grad_norm, acc)
+                if bad is None:
+                    run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
+        tokens += int(batch["attention_mask"].sum()) * acc.num_processes
+    return sums, bad, grad_norm, tokens, epoch
+
+
+def skip_step(run: Run, bad: str, epoch: int, lr: float, grad_norm: float) -> None:
+    """Count a skipped (non-finite) step; past ``train.max_bad_steps`` the run stops."""
+    t = run.recipe.train
+    run.bad_steps += 1
+    run.metrics.log({"step": run.step, "epoch": epoch, "skipped": bad, "bad_steps": run.bad_steps, "lr": lr, "grad_norm": grad_norm})
+    if run.bad_steps > t.max_bad_steps:
+        run.accelerator.end_training()
+        raise TrainingStopped(
+            f"step {run.step}: {bad}; {run.bad_steps} steps skipped, more than train.max_bad_steps={t.max_bad_steps}, so "
+            f"the run stopped. No skipped step updated the weights, and the last complete checkpoint "
+            f"({latest_checkpoint(run.out / 'checkpoints') or 'none: checkpoint.every is 0 or not reached'}) is intact"
+        )
+    if run.main:
+        warnings.warn(f"step {run.step}: {bad}, step skipped ({run.bad_steps} of at most train.max_bad_steps={t.max_bad_steps})")
+
+
+def log_row(run: Run, sums: torch.Tensor, epoch: int, lr: float, grad_norm: float, tokens: int, since: float, t_step: float, do_eval: bool) -> dict:
+    """The metrics.jsonl row of the steps since the last log (means over every process), with the
+    validation perplexity when this is an in-loop evaluation step."""
+    mean = run.accelerator.reduce(sums, reduction="mean")
+    now = time.perf_counter()
+    row = {
+        "step": run.step,
+        "epoch": epoch,
+        "loss": (mean[0] / mean[3]).item(),
+        "kd_loss": (mean[1] / mean[3]).item() if run.teacher is not None or run.cache is not None else None,
+        "ce_loss": (mean[2] / mean[3]).item(),
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "tokens_per_s": tokens / (now - since),
+        "step_time_s": now - t_step,
+        "peak_mem_gb": peak_memory_gb(run.accelerator.device),
+    }
+    if do_eval:
+        ev = run.recipe.eval
+        v = perplexity(run.student, run.valid_set, ev.batch_size, ev.max_batches, accelerator=run.accelerator)
+        row.update(val_ppl=v["ppl"], val_loss=v["nll"])
+    run.metrics.log(row)
+    return row
+
+
+def train_steps(run: Run) -> None:
+    """The loop: schedule, step, log (and evaluate), checkpoint, until ``max_steps``."""
+    from tqdm.auto import tqdm
+
+    recipe, t = run.recipe, run.recipe.train
+    pbar = tqdm(total=run.max_steps, initial=run.step, disable=not run.main or run.step >= run.max_steps, desc="qat train", dynamic_ncols=True)
+    pending = torch.zeros(4, device=run.accelerator.device)  # loss, kd, ce, micro-batches since the last log
+    tokens, since = 0, time.perf_counter()
+    run.student.train()
+    if recipe.quant is not None and recipe.quant.start_step and run.step > recipe.quant.start_step:
+        set_fake_quant(run.student, True)  # resumed past the switch (the checkpoint holds its qparams)
+    try:  # the bar is closed before any message that ends the run (Ctrl-C, a stop) is printed
+        while run.step < run.max_steps:
+            schedule_transitions(run.accelerator.unwrap_model(run.student), recipe, run.step, run.main)
+            t_step, lr = time.perf_counter(), lr_at(run.step, recipe, run.max_steps)
+            for group in run.optimizer.param_groups:
+                group["lr"] = lr
+            sums, bad, grad_norm, n_tokens, epoch = optimizer_step(run)
+            run.step += 1
+            tokens += n_tokens
+            if bad is not None:  # skipped: no update; the data moves on
+                skip_step(run, bad, epoch, lr, grad_norm)
+            else:
+                pending += sums
+            do_eval = run.valid_set is not None and recipe.eval.every and run.step % recipe.eval.every == 0 and run.step < run.max_steps
+            if (run.step % t.log_every == 0 or run.step == run.max_steps or do_eval) and pending[3].item() > 0:
+                row = log_row(run, pending, epoch, lr, grad_norm, tokens, since, t_step, do_eval)
+                if do_eval and run.main:
+                    pbar.write(f"step {run.step}: validation perplexity {row['val_ppl']:.4f} (loss {row['val_loss']:.4f})")
+                pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)  # shown by the update below
+                pending.zero_()
+                tokens, since = 0, time.perf_counter()
+            pbar.update(1)
+            if recipe.checkpoint.every and run.step % recipe.checkpoint.every == 0:
+                state = {"max_steps": run.max_steps, "bad_steps": run.bad_steps}
+                save_checkpoint(run.accelerator, run.out / "checkpoints", run.step, state, recipe.checkpoint.keep)
+    finally:
+        pbar.close()
+
+
+def write_final(run: Run) -> None:
+    """final/: the full state (gathered when sharded) loaded into a fresh copy of the student on
+    the main process, dequantized and saved in plain HF layout (``qat.io.final``)."""
+    recipe, acc = run.recipe, run.accelerator
+    state = acc.get_state_dict(run.student)
+    if recipe.train.compile:  # torch.compile's wrapper prefixes every key
+        state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
+    if run.main:
+        final = load_student(recipe, run.config)
+        build_student_quant(final, recipe, at_step=run.step)  # a delayed freeze in force at the end included
+        final = apply_lora(final, recipe, init=False)
+        final.load_state_dict(state)
+        with writing_final(run.out / "final") as tmp:  # atomic: a failed write leaves no partial final/
+            save_lora_final(final, run.tokenizer, tmp, DTYPES[run.save_dtype])  # peft: merged and re-quantized, or adapter/
+        del final
+    del state
+    acc.wait_for_everyone()
+
+
+def evaluate_final(run: Run) -> None:
+    """eval.json: final/ as loaded from disk (exact weights, fp32 arithmetic) vs the teacher, on
+    every process; logged to the trackers."""
+    recipe, acc = run.recipe, run.accelerator
+    result = {"steps": run.step, "wall_time_s": None, "quantized_layers": len(run.report.layers) if run.report else 0, "frozen_layers": run.frozen}
+    if run.valid_set is not None:
+        ev = recipe.eval
+        final, _ = load_model_dir(run.out / "final", "float32", str(acc.device), recipe.model.trust_remote_code)
+        result["student"] = perplexity(final, run.valid_set, ev.batch_size, ev.max_batches, teacher=run.teacher, accelerator=acc, desc="eval final/")
+        if run.teacher is not None:
+            result["teacher"] = perplexity(run.teacher, run.valid_set, ev.batch_size, ev.max_batches, accelerator=acc, desc="eval teacher")
+        if run.main:
+            print(_eval_line(result))
+    if run.main:
+        result["wall_time_s"] = time.perf_counter() - run.t_start
+        write_json_atomic(run.out / "eval.json", result)
+        if acc.trackers:
+            try:
+                acc.log({f"final/{k}_ppl": v["ppl"] for k, v in result.items() if isinstance(v, dict)}, step=run.step)
+            except Exception as e:
+                warnings.warn(f"wandb logging failed: {e}")
+    acc.wait_for_everyone()
+
+
+def _eval_line(result: dict) -> str:
+    s = result["student"]
+    line = f"validation perplexity: student {s['ppl']:.3f} over {s['tokens']} tokens"
+    if "teacher" in result:
+        line += f", teacher {result['teacher']['ppl']:.3f} (student/teacher {s['ppl'] / result['teacher']['ppl']:.4f})"
+    return line

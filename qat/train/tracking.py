@@ -1,0 +1,85 @@
+"""What a run reports: ``metrics.jsonl`` (always) and wandb through Accelerate's trackers (which
+may fail without stopping the run), and the Accelerator that carries them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..deps import available, hint
+from ..recipe import Recipe
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+class MetricsLog:
+    """metrics.jsonl (always, main process) + the Accelerate trackers (wandb), which may fail."""
+
+    def __init__(self, path: Path, accelerator, start_step: int):
+        self.path, self.acc, self.tracker_ok = path, accelerator, bool(accelerator.log_with)
+        if accelerator.is_main_process and path.exists():  # resume: drop rows past the checkpoint
+            rows = [r for r in path.read_text().splitlines() if _row_step(r) <= start_step]
+            tmp = path.with_name(path.name + ".tmp")  # a kill here must not lose the kept rows
+            tmp.write_text("".join(r + "\n" for r in rows))
+            os.replace(tmp, path)
+
+    def log(self, row: dict) -> None:
+        if not self.acc.is_main_process:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tracker_ok:
+            try:
+                self.acc.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
+            except Exception as e:  # tracking must never stop training
+                warnings.warn(f"wandb logging failed, continuing without it: {e}")
+                self.tracker_ok = False
+
+
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a blank or torn one (a run killed mid-write)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
+def init_tracking(recipe: Recipe, accelerator, out: Path) -> None:
+    tr = recipe.tracking
+    if not accelerator.log_with:
+        return
+    wandb_kw = {"name": tr.run_name, "tags": tr.tags, "dir": str(out), "entity": tr.entity}
+    if "WANDB_MODE" not in os.environ:  # the environment wins (e.g. WANDB_MODE=offline on a cluster)
+        wandb_kw["mode"] = tr.mode
+    try:
+        accelerator.init_trackers(tr.wandb_project, config=recipe.to_dict(), init_kwargs={"wandb": wandb_kw})
+    except Exception as e:
+        warnings.warn(f"wandb could not start ({e.__class__.__name__}: {e}); continuing with metrics.jsonl only")
+        accelerator.log_with = []
+        accelerator.trackers = []
+
+
+def make_accelerator(recipe: Recipe, out: Path):
+    from accelerate import Accelerator
+
+    tr = recipe.tracking
+    use_wandb = tr.wandb_project is not None and tr.mode != "disabled" and available("wandb")
+    if tr.wandb_project is not None and tr.mode != "disabled" and not use_wandb and int(os.environ.get("RANK", "0")) == 0:
+        print(f"qat: {hint('wandb', 'tracking.wandb_project')}; logging to metrics.jsonl only", file=sys.stderr)
+    return Accelerator(
+        mixed_precision=recipe.train.mixed_precision,
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        log_with="wandb" if use_wandb else None,
+        project_dir=str(out),
+    )
