@@ -370,6 +370,12 @@ class PTQSection(_Section):
 class Recipe(_Section):
     output_dir: str
     model: ModelSection
+
+    @field_validator("output_dir")
+    @classmethod
+    def _expand_home(cls, v: str) -> str:
+        return os.path.expanduser(v)  # `output_dir=~/runs/x` is the home directory's runs/x, not ./~/runs/x
+
     tokenizer: TokenizerSection = TokenizerSection()
     teacher: TeacherSection | None = TeacherSection()
     quant: QuantSection | None = QuantSection()
@@ -452,8 +458,30 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
+MAX_NODES = 100_000  # a recipe is a few hundred values; YAML aliases can make a 1 KB file expand to billions
+MAX_MESSAGE = 400  # characters of one problem line (a value echoed back is cut, not the key path)
+
+
 def _yaml_load(text_or_stream):
-    return yaml.load(text_or_stream, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    data = yaml.load(text_or_stream, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    _check_size(data)
+    return data
+
+
+def _check_size(data) -> None:
+    """Refuse a document whose aliases expand past ``MAX_NODES`` values (a "billion laughs"
+    recipe), counting every expansion, before anything walks or copies it."""
+    count, stack = 0, [data]
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise RecipeError(f"<recipe>: expands to more than {MAX_NODES:,} values (YAML aliases?); a recipe is a few hundred")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -536,7 +564,8 @@ def _format_error(err: dict) -> str:
         msg = "required key is missing"
     got = err.get("input")
     shown = "" if err["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-    return f"{loc or '<recipe>'}: {msg}{shown}"
+    line = f"{loc or '<recipe>'}: {msg}{shown}"
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 15] + " ... (cut)"
 
 
 def validate(data: Any) -> Recipe:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import make_tiny_llama
 from torch import nn
 
 from qat.analyze.bitalloc import allocate, choose_bits, distortion, export_bytes, fill_budget, knapsack_bits, solve_continuous, used_bits
@@ -23,11 +24,10 @@ from qat.data import TokenBlocks
 from qat.quant import QATLinear, QuantScheme, quantize_model
 from qat.recipe import validate
 
-from conftest import make_tiny_llama
-
 REPO = Path(__file__).resolve().parents[1]
 TINY_RECIPE = REPO / "recipes/tiny/w4-ovfreeze.yaml"
-from conftest import HAVE_TINY as HAVE_FIXTURES, needs_tiny as needs_fixtures  # noqa: E402
+from conftest import needs_tiny as needs_fixtures  # noqa: E402
+
 CHOICES = (2, 3, 4, 8)
 
 

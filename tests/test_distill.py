@@ -15,7 +15,7 @@ from qat.distill import TopK, distill_loss, kd_loss, kd_token_loss, kd_topk_loss
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
-from conftest import HAVE_TINY, needs_tiny, require_tiny  # noqa: E402
+from conftest import require_tiny  # noqa: E402
 
 
 def inputs(seed=0, B=3, T=29, V=211, dtype=torch.float32):

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_tiny, require_tiny  # noqa: E402
 
 from qat.cli import main
-from conftest import require_tiny, needs_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up

@@ -21,10 +21,11 @@ from safetensors.torch import load_file
 
 pytest.importorskip("compressed_tensors")
 
+from conftest import require_tiny  # noqa: E402
+
 from qat.cli import build_parser, main  # noqa: E402
 from qat.export.verify import gptq_loader_missing  # noqa: E402
 from qat.quant.grid import dequantize, quantize  # noqa: E402
-from conftest import require_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import LLAMA_TINY, needs_tiny, require_tiny
+from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_tiny
 from safetensors.torch import load_file
 
-from conftest import require_tiny
 from qat.io.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]

@@ -22,7 +22,7 @@ from tests.conftest import make_tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
 FAST = ["data.max_train_tokens=8192", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "eval.batch_size=8", "train.log_every=1"]
-from conftest import HAVE_TINY as HAVE_FIXTURES, needs_tiny as needs_fixtures  # noqa: E402
+from conftest import needs_tiny as needs_fixtures  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

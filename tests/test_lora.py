@@ -9,15 +9,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import LLAMA_TINY, make_tiny_llama, require_tiny
 from safetensors.torch import load_file
 
 from qat.io.final import save_final
-from qat.train.lora import LoRAQATLinear, apply_lora, merge_lora_
 from qat.quant import QuantScheme, qat_linears, quantize_model
 from qat.quant.grid import fake_quantize, minmax_qparams
 from qat.recipe import PeftSection, RecipeError, load_recipe
-
-from conftest import LLAMA_TINY, make_tiny_llama, require_tiny
+from qat.train.lora import LoRAQATLinear, apply_lora, merge_lora_
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
@@ -137,8 +136,8 @@ def _train(out, *overrides):
 def test_train_merged_final_matches_trained_checkpoint_logits(_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qat.policy import build_student_quant
     from qat.io.models import load_student, model_config
+    from qat.policy import build_student_quant
 
     out = _train(tmp_path / "merged", "peft.mode=merged", "peft.r=4", "train.max_steps=3", "checkpoint.every=3", "train.lr=1e-2")
     recipe = load_recipe(out / "recipe.yaml", check_files=False)
@@ -163,8 +162,8 @@ def test_train_merged_final_matches_trained_checkpoint_logits(_tiny, tmp_path):
 def test_train_separate_writes_adapter_and_frozen_base(_tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from qat.io.models import load_model_dir
     from qat.io.final import load_quant_layers
+    from qat.io.models import load_model_dir
 
     out = _train(tmp_path / "sep", "peft.mode=separate", "peft.r=4", "peft.init=qera", "peft.init_tokens=1024", "train.max_steps=2", "train.lr=1e-2")
     assert (out / "final" / "adapter" / "adapter_config.json").is_file()

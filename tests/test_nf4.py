@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from conftest import LLAMA_TINY, make_tiny_llama, require_tiny
+from conftest import make_tiny_llama, require_tiny
 
 pytest.importorskip("bitsandbytes")
 REPO = Path(__file__).resolve().parents[1]

@@ -12,8 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from qat.cli import main
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import require_tiny  # noqa: E402
 from torch import nn
 
 from qat.quant.grid import fake_quantize, minmax_qparams, quantize
 from qat.quant.linear import QATLinear
 from qat.quant.scheme import QuantScheme
-from conftest import require_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "recipes/tiny/w4-ovfreeze.yaml"
@@ -157,8 +157,8 @@ def test_gptq_output_error_below_rtn_on_real_activations(tiny, bits):
 
 # -- QERA ----------------------------------------------------------------------------------
 def test_qera_orderings_on_correlated_inputs():
-    from qat.quant.lowrank import lowrank_factors
     from qat.ptq.rtn import rtn_weight
+    from qat.quant.lowrank import lowrank_factors
 
     g = torch.Generator().manual_seed(0)
     w = torch.randn(64, 96, generator=g, dtype=torch.float64).float()
@@ -239,8 +239,7 @@ def rtn_error(tiny):
 
 @pytest.mark.parametrize("method", ["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx"])
 def test_method_runs_on_grid_and_beats_or_matches_rtn(tiny, rtn_error, method, tmp_path):
-    from qat.io.final import SCALES_FILE, effective_weights
-    from qat.io.final import save_final
+    from qat.io.final import SCALES_FILE, effective_weights, save_final
     from qat.ptq import quantize_ptq
     from qat.ptq.run import save_adapter
 

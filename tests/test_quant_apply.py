@@ -8,7 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from qat.quant import OV_PATTERNS, QATLinear, QuantConfigError, QuantizedWeight, QuantScheme, apply_freeze, dequantize_model, qat_linears, quantize_model
+from qat.quant import (
+    OV_PATTERNS,
+    QATLinear,
+    QuantConfigError,
+    QuantizedWeight,
+    QuantScheme,
+    apply_freeze,
+    dequantize_model,
+    qat_linears,
+    quantize_model,
+)
 
 LLAMA_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")  # fmt: skip

@@ -12,11 +12,10 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from torch import nn
 
 from qat.quant import QATLinear, QuantScheme, fused, quantize_model
-
-from conftest import make_tiny_llama
 
 SCHEMES = {
     "w4g32sym": QuantScheme(bits=4, group_size=32),

@@ -9,7 +9,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from qat.quant.grid import dequantize, fake_quantize, fake_quantize_activation, fake_quantize_ste, group_view, minmax_qparams, mse_clip_ratio, qrange, quantize, round_ste
+from qat.quant.grid import (
+    dequantize,
+    fake_quantize,
+    fake_quantize_activation,
+    fake_quantize_ste,
+    group_view,
+    minmax_qparams,
+    mse_clip_ratio,
+    qrange,
+    quantize,
+    round_ste,
+)
 from qat.quant.scheme import SUPPORTED_BITS, QuantConfigError, QuantScheme
 
 PROPERTY = settings(

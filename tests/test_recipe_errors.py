@@ -26,7 +26,7 @@ from qat.recipe import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
-from conftest import HAVE_TINY as HAVE_FIXTURES, needs_tiny as needs_fixtures  # noqa: E402
+from conftest import needs_tiny as needs_fixtures  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

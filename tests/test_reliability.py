@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_tiny, require_tiny  # noqa: E402
 from safetensors.torch import load_file
 
 import qat.train.loop
-from qat.io.checkpoint import latest_checkpoint
 from qat.cli import main
-from conftest import require_tiny, needs_tiny  # noqa: E402
+from qat.io.checkpoint import latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_tiny, require_tiny  # noqa: E402
 from safetensors.torch import load_file
 
 from qat.cli import main
 from qat.quant.grid import group_view, quantize
-from conftest import require_tiny, needs_tiny  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up
@@ -306,3 +306,10 @@ def test_compiled_student_trains_saves_and_resumes(tmp_path):
     resumed = final_weights(part)
     assert all(torch.equal(resumed[k], w[k]) for k in w)
     assert [r["loss"] for r in rows(part)] == [r["loss"] for r in rows(whole)]
+
+
+def test_checkpoints_hold_only_what_resume_needs(tmp_path):
+    """The teacher is frozen and reloaded from its path: no copy of it in any checkpoint."""
+    out = run(tmp_path / "ck", "train.max_steps=2", "checkpoint.every=2")
+    files = sorted(p.name for p in (out / "checkpoints" / "step-2").iterdir())
+    assert files == ["model.safetensors", "optimizer.bin", "qat_state.json", "random_states_0.pkl"], files

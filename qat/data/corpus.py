@@ -210,13 +210,29 @@ def _load_files(data: DataSection, patterns: list[str], key: str) -> datasets.Da
     files = _expand_files(patterns, key)
     fmt = _detect_format(files, data.format, key)
     where = f"{key} ({len(files)} {fmt} file{'s' if len(files) != 1 else ''})"
-    with _no_download_count():
-        if fmt == "text":
-            # one sample per file, so that documents are never cut at line breaks
-            ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
-        else:
-            ds = datasets.load_dataset(fmt, data_files=files, split="train")
+    verbosity = datasets.utils.logging.get_verbosity()
+    datasets.utils.logging.set_verbosity(50)  # CRITICAL: a reader's failure is reported once, below, not logged too
+    try:
+        with _no_download_count():
+            if fmt == "text":
+                # one sample per file, so that documents are never cut at line breaks
+                ds = datasets.load_dataset("text", data_files=files, split="train", sample_by="document")
+            else:
+                ds = datasets.load_dataset(fmt, data_files=files, split="train")
+    except Exception as e:  # datasets wraps the reader's error (UnicodeDecodeError, BadGzipFile, JSON "Trailing data", ...)
+        named = files[0] if len(files) == 1 else f"one of {len(files)} files"
+        raise ValueError(f"{key}: {named} cannot be read as {fmt}: {_root_cause(e)}") from None
+    finally:
+        datasets.utils.logging.set_verbosity(verbosity)
     return _select_text(ds, data, where)
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost error of a chain, in one line (``datasets`` wraps a reader's error twice)."""
+    while e.__cause__ is not None or (e.__context__ is not None and not e.__suppress_context__):
+        e = e.__cause__ or e.__context__
+    text = " ".join(str(e).split())
+    return f"{e.__class__.__name__}: {text[:200]}" if text else e.__class__.__name__
 
 
 def _load_hf(data: DataSection, split: str, key: str) -> datasets.Dataset:

@@ -23,7 +23,7 @@ import torch
 
 from ..data import load_documents
 from ..deps import available, hint
-from ..io.models import load_model_dir
+from ..io.models import first_line, load_model_dir
 from ..recipe import DataSection, RecipeError, UsageError, load_recipe
 from .harness import run_lm_eval
 from .perplexity import make_windows, perplexity, token_stream
@@ -110,7 +110,11 @@ def evaluate_model(args: EvalRequest) -> dict:
         what = "the run's validation split"
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     remote = recipe.model.trust_remote_code if recipe is not None else False  # the run's own setting
-    model, tokenizer = load_model_dir(run_dir / "final" if run_dir else target if target.exists() else args.model, args.dtype, device, remote)
+    source = run_dir / "final" if run_dir else target if target.exists() else args.model
+    try:
+        model, tokenizer = load_model_dir(source, args.dtype, device, remote)
+    except (OSError, ValueError) as e:  # a damaged config.json / weights, or not a model directory
+        raise UsageError(f"{source}: cannot be loaded as a model ({e.__class__.__name__}: {first_line(e)})") from None
 
     max_tokens = args.max_tokens
     if max_tokens is None and recipe is not None and not args.data:

@@ -2,7 +2,9 @@
 
 Each block predicts its tokens 1..T-1 from the ones before; perplexity is
 ``exp(sum NLL / number of predicted real tokens)``. Under several processes each rank takes a
-contiguous slice of the blocks and the sums are added across ranks.
+contiguous slice of the blocks and the sums are added across ranks. Every rank runs the same
+number of forward passes of the same batch size (under FSDP each forward is a collective): a
+rank whose slice is short pads it with copies of a block whose tokens are not counted.
 
 ``Windows`` (from ``token_stream`` + ``make_windows``) carry a ``score_mask``: with a stride
 ``s < T`` the windows overlap and each scores only the tokens no earlier window scored (its last
@@ -41,25 +43,28 @@ def perplexity(
     if max_batches is not None:
         n = min(n, max_batches * batch_size)
     per_rank = math.ceil(n / world)
-    lo, hi = rank * per_rank, min(n, (rank + 1) * per_rank)
+    lo = rank * per_rank
+    real = list(range(lo, min(n, lo + per_rank)))
+    rows = torch.tensor(real + [0] * (per_rank - len(real)), dtype=torch.long)  # padded: same forwards on every rank
+    counted = torch.tensor([True] * len(real) + [False] * (per_rank - len(real)))
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, tokens, kl, teacher nll
     score_mask = getattr(blocks, "score_mask", None)
-    starts = range(lo, hi, batch_size)
+    starts = range(0, per_rank, batch_size)
     if desc and rank == 0:
         from tqdm.auto import tqdm
 
         starts = tqdm(starts, desc=desc, leave=False)
     for start in starts:
-        end = min(start + batch_size, hi)
-        ids = blocks.input_ids[start:end].to(device)
-        mask = blocks.attention_mask[start:end].to(device)
+        idx = rows[start : start + batch_size]
+        ids = blocks.input_ids[idx].to(device)
+        mask = blocks.attention_mask[idx].to(device)
         labels = ids.masked_fill(mask == 0, -100)
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        sel = labels[:, 1:] != -100
+        sel = (labels[:, 1:] != -100) & counted[start : start + batch_size].to(device).unsqueeze(1)
         if score_mask is not None:  # strided windows: only the tokens this window is responsible for
-            sel &= score_mask[start:end, 1:].to(device).bool()
+            sel &= score_mask[idx, 1:].to(device).bool()
         s = logits[:, :-1][sel].float()
         sums[0] += F.cross_entropy(s, labels[:, 1:][sel], reduction="sum").double()
         sums[1] += sel.sum()

@@ -67,7 +67,13 @@ def read_layers(final_dir: Path) -> dict[str, dict]:
     path = final_dir / QUANT_FILE
     if not path.is_file():
         raise ExportError(f"{final_dir}: no {QUANT_FILE} (was final/ written by qat?)")
-    layers = json.loads(path.read_text()).get("layers", {})
+    try:
+        data = json.loads(path.read_text())
+        layers = data.get("layers", {}) if isinstance(data, dict) else None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable ({e.__class__.__name__}: {e}); final/ is damaged, write it again with qat train / qat ptq") from None
+    if layers is None or not isinstance(layers, dict):
+        raise ExportError(f"{path}: not a qat_quant.json (no layers); final/ is damaged")
     if not layers:
         raise ExportError(f"{final_dir}: no quantized layers (a quant: null run); there is nothing to pack")
     return layers

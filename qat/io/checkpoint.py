@@ -6,10 +6,17 @@ name and marker (a write that was killed, or failed for lack of disk) is never t
 latest; the previous checkpoints stay untouched until the new one is complete. A failed write
 raises ``CheckpointError`` (incomplete files removed, the previous checkpoint named as intact);
 old checkpoints are renamed out of the way before they are deleted.
+
+Trust: ``qat_state.json`` also lists the sha256 of every other file of the checkpoint (written
+last, atomically). ``usable_checkpoint`` re-hashes them before a resume and falls back to the
+newest checkpoint that verifies, saying which one was passed over and why (a flipped byte, a
+truncated or missing file, an unreadable state, a step beyond the run). Pruning never deletes
+the checkpoint the caller protects (the last one written before the first non-finite step).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -49,8 +56,66 @@ def read_state(ckpt: Path) -> dict:
     return json.loads((ckpt / STATE_FILE).read_text())
 
 
-def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) -> Path:
-    """Write ``root/step-<step>`` atomically on every process, then prune to the newest ``keep``."""
+def file_hashes(ckpt: Path) -> dict[str, str]:
+    """sha256 of every file under ``ckpt`` but the state file, by relative path."""
+    out = {}
+    for f in sorted(ckpt.rglob("*")):
+        if f.is_file() and f.name != STATE_FILE:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            out[str(f.relative_to(ckpt))] = h.hexdigest()
+    return out
+
+
+def checkpoint_problem(ckpt: Path, max_steps: int | None = None) -> str | None:
+    """Why ``ckpt`` cannot be resumed from, or None when it verifies."""
+    try:
+        state = read_state(ckpt)
+    except (OSError, ValueError) as e:
+        return f"{STATE_FILE} is unreadable ({e.__class__.__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
+        return f"{STATE_FILE} has no valid step"
+    if max_steps is not None and state["step"] > max_steps:
+        return f"its step {state['step']} is beyond the run's {max_steps} steps"
+    want = state.get("files")
+    if want is None:
+        return None  # written before checksums existed: nothing to verify against
+    if not isinstance(want, dict):
+        return f"{STATE_FILE} has no valid file list"
+    have = file_hashes(ckpt)
+    for name, digest in want.items():
+        if name not in have:
+            return f"{name} is missing"
+        if have[name] != digest:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def usable_checkpoint(root: Path, explicit: Path | None = None, max_steps: int | None = None) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from: ``explicit`` if it verifies (else ``CheckpointError``), or
+    the newest one under ``root`` that verifies. Returns it with one line per checkpoint passed
+    over. ``CheckpointError`` when checkpoints exist but none verifies (nothing is deleted)."""
+    if explicit is not None:
+        why = checkpoint_problem(explicit, max_steps)
+        if why:
+            raise CheckpointError(f"checkpoint.resume: {explicit} cannot be resumed from: {why}")
+        return explicit, []
+    skipped = []
+    for _, ckpt in reversed(checkpoint_dirs(root)):
+        why = checkpoint_problem(ckpt, max_steps)
+        if why is None:
+            return ckpt, skipped
+        skipped.append(f"passed over {ckpt.name}: {why}")
+    if skipped:
+        raise CheckpointError(f"no checkpoint under {root} can be resumed from ({'; '.join(skipped)}); "
+                              "remove the checkpoints/ directory to start over")
+    return None, []
+
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, protect: Path | None = None) -> Path:
+    """Write ``root/step-<step>`` atomically on every process (with the checksums of its files),
+    then prune to the newest ``keep``, never deleting ``protect``."""
     final = root / f"step-{step}"
     tmp = root / f"{_TMP_PREFIX}{step}"
     previous = latest_checkpoint(root)
@@ -63,7 +128,7 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) 
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / STATE_FILE, {"step": step, **state})
+            write_json_atomic(tmp / STATE_FILE, {"step": step, **state, "files": file_hashes(tmp)})
             if final.exists():  # a complete checkpoint of the same step (e.g. re-run): replace it
                 _remove(final)
             os.replace(tmp, final)
@@ -81,7 +146,8 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) 
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for _, old in checkpoint_dirs(root)[:-keep]:
-            _remove(old)
+            if protect is None or old.resolve() != protect.resolve():
+                _remove(old)
     return final
 
 

@@ -8,6 +8,8 @@ trains also loads its own ``final/``.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 
 import torch
@@ -50,10 +52,39 @@ def model_config(recipe: Recipe, tokenizer):
         kw.setdefault(key, getattr(tokenizer, key))
     if kw["model_type"] not in CONFIG_MAPPING:
         raise RecipeError(f"model.config.model_type: unknown model type {kw['model_type']!r} (e.g. llama, mistral, qwen2, opt)")
+    config_class = CONFIG_MAPPING[kw["model_type"]]
+    check_inline_config(m.config, config_class)
     try:
-        return AutoConfig.for_model(**kw)
-    except (ValueError, TypeError, KeyError) as e:
-        raise RecipeError(f"model.config: {first_line(e)}") from None
+        config = AutoConfig.for_model(**kw)
+    except Exception as e:  # ValueError, TypeError, or huggingface_hub's validation error wrapping one
+        raise RecipeError(f"model.config: {first_line(e.__cause__ or e)}") from None
+    check_unknown_keys(m.config, config_class, config)
+    return config
+
+
+def check_inline_config(given: dict, config_class) -> None:
+    """An inline ``model.config`` before transformers sees it: sizes and counts positive integers,
+    heads dividing the hidden size (transformers accepts negative sizes silently)."""
+    for key, value in given.items():
+        if key.endswith(("_size", "_layers", "_heads")) or key.startswith("num_") or key == "max_position_embeddings":
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise RecipeError(f"model.config.{key}: expected a positive integer (got {value!r})")
+    merged = {**config_class().to_dict(), **given}
+    heads, hidden, kv = merged.get("num_attention_heads"), merged.get("hidden_size"), merged.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(hidden, int) and hidden % heads:
+        raise RecipeError(f"model.config.num_attention_heads: {heads} does not divide hidden_size {hidden}")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise RecipeError(f"model.config.num_key_value_heads: {kv} does not divide num_attention_heads {heads}")
+
+
+def check_unknown_keys(given: dict, config_class, config) -> None:
+    """A key the model type does not know: transformers keeps it as a stray attribute (a legacy
+    key it understands, e.g. ``rope_theta``, is folded into the config instead and passes)."""
+    known = set(inspect.signature(config_class.__init__).parameters) | set(config_class().to_dict()) | {"model_type"}
+    stray = [k for k in given if k not in known and k in config.to_dict()]
+    if stray:
+        close = difflib.get_close_matches(stray[0], sorted(known), n=1, cutoff=0.75)
+        raise RecipeError(f"model.config.{stray[0]}: unknown key for {config_class.model_type}" + (f" (did you mean {close[0]}?)" if close else ""))
 
 
 def first_line(e: BaseException) -> str:

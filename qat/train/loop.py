@@ -34,7 +34,7 @@ from ..distill.teacher_cache import TeacherCache
 from ..distill.teacher_cache import check as check_teacher_cache
 from ..distill.teacher_cache import precompute as precompute_teacher_cache
 from ..evaluate.perplexity import perplexity
-from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint
+from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint, usable_checkpoint
 from ..io.final import final_dtype, writing_final
 from ..io.models import DTYPES, first_line, load_model_dir, load_models, load_student, model_config
 from ..io.rundir import RunLock, check_run_dir, create_run_dir, write_json_atomic, write_text_atomic
@@ -54,7 +54,7 @@ def check_output_dir(recipe: Recipe, overwrite: bool) -> Path | None:
     out = Path(recipe.output_dir)
     resume = recipe.checkpoint.resume
     held = check_run_dir(out, "train", overwrite and resume is None)
-    if resume == "auto":
+    if resume == "auto":  # verified (and an older one taken if need be) in ``resume``
         return latest_checkpoint(out / "checkpoints")
     if resume is not None:
         ckpt = Path(resume).resolve()
@@ -148,6 +148,7 @@ class Run:
     frozen: list = field(default_factory=list)
     step: int = 0
     bad_steps: int = 0
+    clean_step: int | None = None  # the last checkpoint written before the first non-finite step
     metrics: MetricsLog | None = None
     lock: RunLock | None = None
     t_start: float = field(default_factory=time.perf_counter)
@@ -254,13 +255,20 @@ def build_models(run: Run, init: bool) -> None:
         # nothing to train, and a frozen teacher needs no gradient sync)
         from accelerate.utils import DistributedType
 
+        registered = len(acc._models)
         run.teacher = acc.prepare_model(run.teacher, evaluation_mode=acc.distributed_type != DistributedType.FSDP)
+        del acc._models[registered:]  # a frozen teacher is not training state: checkpoints hold only what resume needs
     run.trainable = [p for p in run.student.parameters() if p.requires_grad]
 
 
 def resume(run: Run, resume_from: Path | None) -> None:
     """Load a checkpoint (model, optimizer, RNG, step), and open metrics.jsonl and the trackers."""
     recipe, acc = run.recipe, run.accelerator
+    if resume_from is not None:  # checksums, state and step verified; an older checkpoint if need be
+        explicit = None if recipe.checkpoint.resume == "auto" else resume_from
+        resume_from, passed_over = usable_checkpoint(run.out / "checkpoints", explicit, run.max_steps)
+        for line in passed_over if run.main else ():
+            print(f"checkpoint.resume: {line}")
     if resume_from is not None:
         if recipe.freeze.start_step and freeze_due(recipe, read_state(resume_from)["step"]):
             freeze_layers(acc.unwrap_model(run.student), recipe)  # the checkpoint holds the frozen layout
@@ -270,6 +278,7 @@ def resume(run: Run, resume_from: Path | None) -> None:
             raise CheckpointError(f"could not load checkpoint {resume_from} ({e.__class__.__name__}: {first_line(e)})") from e
         state = read_state(resume_from)
         run.step, run.bad_steps = state["step"], state.get("bad_steps", 0)
+        run.clean_step = state.get("clean_step", run.step if run.bad_steps == 0 else None)
         if run.main:
             print(f"resumed from {resume_from} at step {run.step}")
     elif recipe.checkpoint.resume == "auto" and run.main:
@@ -389,11 +398,21 @@ def train_steps(run: Run) -> None:
                 pending.zero_()
                 tokens, since = 0, time.perf_counter()
             pbar.update(1)
-            if recipe.checkpoint.every and run.step % recipe.checkpoint.every == 0:
-                state = {"max_steps": run.max_steps, "bad_steps": run.bad_steps}
-                save_checkpoint(run.accelerator, run.out / "checkpoints", run.step, state, recipe.checkpoint.keep)
+            if recipe.checkpoint.every and run.step % recipe.checkpoint.every == 0 and bad is None:  # none while steps are skipped
+                checkpoint(run)
     finally:
         pbar.close()
+
+
+def checkpoint(run: Run) -> None:
+    """Save a checkpoint. Once a step has been skipped, pruning keeps the last checkpoint written
+    before it, however many newer ones there are: the weights it holds predate the trouble."""
+    if run.bad_steps == 0:
+        run.clean_step = run.step
+    root = run.out / "checkpoints"
+    protect = root / f"step-{run.clean_step}" if run.bad_steps and run.clean_step is not None else None
+    state = {"max_steps": run.max_steps, "bad_steps": run.bad_steps, "clean_step": run.clean_step}
+    save_checkpoint(run.accelerator, root, run.step, state, run.recipe.checkpoint.keep, protect=protect)
 
 
 def write_final(run: Run) -> None:
