@@ -173,3 +173,57 @@ def test_final_is_written_atomically(tmp_path):
         (tmp / "config.json").write_text("new")
     assert (final / "config.json").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+
+
+def test_links_planted_in_a_run_are_not_followed(done_run, tmp_path, capsys):
+    """final/ is replaced as a whole (a link inside it is not written through), and a cache
+    directory that is a link is refused before anything is written."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(done_run, out)
+    elsewhere = tmp_path / "elsewhere.json"
+    elsewhere.write_text("precious")
+    (out / "final" / "config.json").unlink()
+    (out / "final" / "config.json").symlink_to(elsewhere)
+    assert train(out, "--overwrite") == 0
+    assert elsewhere.read_text() == "precious" and not (out / "final" / "config.json").is_symlink()
+    (tmp_path / "cache-elsewhere").mkdir()
+    (out / "teacher-cache").symlink_to(tmp_path / "cache-elsewhere")
+    assert train(out, "--overwrite") == 2
+    assert "teacher-cache is a symbolic link" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_and_keeps_what_was_there(done_run, tmp_path, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    import qat.io.final
+    import qat.train.tracking
+
+    out = tmp_path / "run"
+    shutil.copytree(done_run, out)
+    before = (out / "final" / "model.safetensors").read_bytes()
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(qat.train.lora, "save_final", no_space)  # final/: the previous one stays whole
+    assert train(out, "checkpoint.resume=auto", "train.max_steps=2") == 1
+    err = capsys.readouterr().err
+    assert f"no space left on {out / 'final'}" in err and "Traceback" not in err, err
+    assert (out / "final" / "model.safetensors").read_bytes() == before
+    assert not list(out.glob(".final.*"))
+    monkeypatch.undo()
+
+    real_open = open
+
+    def full_metrics(path, *a, **k):
+        if str(path).endswith("metrics.jsonl") and a and a[0] == "a":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(qat.train.tracking, "open", full_metrics, raising=False)
+    assert train(out, "checkpoint.resume=auto", "train.max_steps=3") == 1
+    err = capsys.readouterr().err
+    assert f"no space left on {out / 'metrics.jsonl'}" in err and "Traceback" not in err, err

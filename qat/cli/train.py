@@ -26,11 +26,12 @@ def run(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     from ..io.checkpoint import CheckpointError
+    from ..io.rundir import DiskError
     from ..train.loop import LaunchError, TrainingStopped, train  # heavy imports only once the recipe is known to be valid
 
     try:
         out = train(recipe, overwrite=args.overwrite)
-    except (TrainingStopped, CheckpointError) as e:  # a clear message, no traceback; exit 1
+    except (TrainingStopped, CheckpointError, DiskError) as e:  # a clear message, no traceback; exit 1
         print(f"qat: training stopped: {e}", file=sys.stderr)
         return 1
     except LaunchError as e:  # every rank raises it; one says it

@@ -133,6 +133,8 @@ def check_export(run_dir, fmt: str, out, merge: bool, overwrite: bool, verify: b
     elif fmt == "compressed-tensors":
         check_compressed_tensors(layers, any_bits)
     out = Path(out).expanduser() if out is not None else (run or final.parent) / f"export-{fmt}"
+    if out.is_symlink():
+        raise ExportError(f"--out {out}: is a symbolic link; give the directory it points to, or another --out")
     o, source = resolved(out), resolved(run or final)
     if o == resolved(final) or resolved(final) in o.parents:
         raise ExportError(f"--out {out}: must not be inside final/")

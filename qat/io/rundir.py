@@ -35,6 +35,15 @@ RUN_FILES = {
     "ptq": ("recipe.yaml", "eval.json", "final"),
 }
 HOLDS_RUN = ("recipe.yaml", "metrics.jsonl", "final", "checkpoints", "eval.json")
+CACHES = ("teacher-cache", "generated-data")  # written inside the run by default; kept by --overwrite
+
+
+class DiskError(RuntimeError):
+    """A write of the run failed on the disk (full, read-only, ...): one line, exit code 1."""
+
+    def __init__(self, path: Path, e: OSError, kept: str = ""):
+        what = f"no space left on {path}" if e.errno == errno.ENOSPC else f"cannot write {path} ({e.strerror or e})"
+        super().__init__(what + (f"; {kept}" if kept else ""))
 
 
 def resolved(path: str | os.PathLike) -> Path:
@@ -75,7 +84,7 @@ def check_run_dir(out: Path, kind: str, overwrite: bool, key: str = "output_dir"
     why = forbidden(out)
     if why is not None:
         raise RecipeError(f"{key}: {out} is {why}; a run needs a directory of its own (e.g. {out}/runs/NAME)")
-    for f in (*RUN_FILES[kind], MARKER, LOCK):
+    for f in (*RUN_FILES[kind], *CACHES, MARKER, LOCK):
         if (out / f).is_symlink():
             raise RecipeError(f"{key}: {out / f} is a symbolic link; qat writes only inside output_dir, remove it")
     if out.exists() and not out.is_dir():

@@ -37,7 +37,7 @@ from ..evaluate.perplexity import perplexity
 from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint, usable_checkpoint
 from ..io.final import final_dtype, writing_final
 from ..io.models import DTYPES, first_line, load_model_dir, load_models, load_student, model_config
-from ..io.rundir import RunLock, check_run_dir, create_run_dir, write_json_atomic, write_text_atomic
+from ..io.rundir import DiskError, RunLock, check_run_dir, create_run_dir, write_json_atomic, write_text_atomic
 from ..policy import build_student_quant, dry_run_quant, freeze_due, freeze_layers, schedule_transitions
 from ..quant.apply import set_fake_quant
 from ..recipe import Recipe, RecipeError
@@ -427,8 +427,12 @@ def write_final(run: Run) -> None:
         build_student_quant(final, recipe, at_step=run.step)  # a delayed freeze in force at the end included
         final = apply_lora(final, recipe, init=False)
         final.load_state_dict(state)
-        with writing_final(run.out / "final") as tmp:  # atomic: a failed write leaves no partial final/
-            save_lora_final(final, run.tokenizer, tmp, DTYPES[run.save_dtype])  # peft: merged and re-quantized, or adapter/
+        try:
+            with writing_final(run.out / "final") as tmp:  # atomic: a failed write leaves no partial final/
+                save_lora_final(final, run.tokenizer, tmp, DTYPES[run.save_dtype])  # peft: merged and re-quantized, or adapter/
+        except OSError as e:
+            last = latest_checkpoint(run.out / "checkpoints")
+            raise DiskError(run.out / "final", e, f"nothing partial was left; the last checkpoint is {last}" if last else "nothing partial was left") from None
         del final
     del state
     acc.wait_for_everyone()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..deps import available, hint
+from ..io.rundir import DiskError
 from ..recipe import Recipe
 
 
@@ -37,8 +38,11 @@ class MetricsLog:
     def log(self, row: dict) -> None:
         if not self.acc.is_main_process:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except OSError as e:
+            raise DiskError(self.path, e, f"the checkpoints in {self.path.parent / 'checkpoints'} are intact") from None
         if self.tracker_ok:
             try:
                 self.acc.log({k: v for k, v in row.items() if v is not None and k != "step"}, step=row["step"])
