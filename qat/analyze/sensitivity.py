@@ -30,16 +30,9 @@ import torch
 from ..deps import available
 from ..evaluate.diagnostic import layer_output_errors
 from ..quant import QATLinear
+from . import RANK_KEYS
 from .setup import layer_depth, layer_type, mean_nll, quantized, squared_grads
 
-RANK_KEYS = {  # --rank-by -> the per-type field ranked (descending)
-    "grad_ratio_all": "grad_ratio_all_mean",
-    "grad_ratio_only": "grad_ratio_only_mean",
-    "grad_error_only": "grad_error_only_mean",
-    "delta_nll": "delta_nll",
-    "delta_nll_per_mparam": "delta_nll_per_mparam",
-    "output_error": "output_error_mean",
-}
 RANK_WHAT = {
     "grad_ratio_all": "||grad W|| with every layer fake-quantized / FP, mean over depth",
     "grad_ratio_only": "||grad W|| with only this type fake-quantized / FP, mean over depth",

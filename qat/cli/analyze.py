@@ -18,6 +18,8 @@ and validation data. Default output directory: ``<output_dir>-sensitivity`` / ``
 
 from __future__ import annotations
 
+from ..analyze import RANK_KEYS
+from ..quant.scheme import SUPPORTED_BITS
 from ..recipe import RecipeError, load_recipe
 
 
@@ -29,7 +31,7 @@ def _check_counts(args) -> None:
 
 
 def run_sensitivity(args) -> int:
-    from ..analyze.report import out_dir, sensitivity_report  # heavy (torch): only once the command line parsed
+    from ..analyze.report import out_dir, sensitivity_report  # heavy (transformers, datasets): only once the command line parsed
     from ..analyze.sensitivity import table_md
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -44,8 +46,6 @@ def run_sensitivity(args) -> int:
 
 
 def parse_bits(text: str) -> tuple[int, ...]:
-    from ..quant.scheme import SUPPORTED_BITS
-
     try:
         bits = tuple(sorted({int(b) for b in text.split(",") if b.strip()}))
     except ValueError:
@@ -57,7 +57,7 @@ def parse_bits(text: str) -> tuple[int, ...]:
 
 
 def run_bits(args) -> int:
-    from ..analyze.report import bits_report, bits_table, out_dir  # heavy (torch): only once the command line parsed
+    from ..analyze.report import bits_report, bits_table, out_dir  # heavy (transformers, datasets): only once the command line parsed
 
     recipe = load_recipe(args.recipe, args.overrides)
     _check_counts(args)
@@ -74,8 +74,6 @@ def run_bits(args) -> int:
 
 
 def add_parser(sub) -> None:
-    from ..analyze.sensitivity import RANK_KEYS
-
     p = sub.add_parser("analyze", help="layer sensitivity ('Oh! We Freeze') and CVXQ bit allocation for a recipe's model")
     asub = p.add_subparsers(dest="analysis", required=True)
 

@@ -8,7 +8,7 @@ from ..recipe import RecipeError, load_recipe
 
 
 def run(args) -> int:
-    from ..compare import compare  # heavy (torch, transformers): only once the command line parsed
+    from ..compare import compare  # heavy (transformers, datasets): only once the command line parsed
 
     items = list(args.items) + list(args.overrides)
     files = [i for i in items if "=" not in i or Path(i).is_file()]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 def run(args) -> int:
-    from ..evaluate.model import EvalRequest, evaluate_model  # heavy (torch): only once the command line parsed
+    from ..evaluate.model import EvalRequest, evaluate_model  # heavy (transformers, datasets): only once the command line parsed
 
     result = evaluate_model(EvalRequest(**{f.name: getattr(args, f.name) for f in dataclasses.fields(EvalRequest)}))
     line = f"perplexity {result['ppl']:.4f} over {result['tokens']} tokens ({result['windows']} windows of {result['seq_len']}, stride {result['stride']})"

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from ..deps import MissingDependency
+
 
 def run(args) -> int:
-    from ..deps import MissingDependency
     from ..export import ExportError, export
 
     try:

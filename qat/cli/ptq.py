@@ -6,12 +6,10 @@ Writes to ``<output_dir>-ptq-<method>`` (beside the QAT run of the same recipe),
 
 from __future__ import annotations
 
-from ..recipe import PTQ_METHODS
+from ..recipe import PTQ_METHODS, load_recipe
 
 
 def run(args) -> int:
-    from ..recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     from ..ptq import run_ptq
 

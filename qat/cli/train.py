@@ -7,11 +7,13 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..io.checkpoint import CheckpointError, latest_checkpoint
+from ..io.rundir import DiskError
+from ..recipe import load_recipe
+
 
 def resume_hint(recipe, args) -> str:
     """Where the newest complete checkpoint is, and the command that continues from it."""
-    from ..io.checkpoint import latest_checkpoint
-
     out = Path(recipe.output_dir)
     last = latest_checkpoint(out / "checkpoints") if (out / "checkpoints").is_dir() else None
     if last is None:
@@ -22,11 +24,7 @@ def resume_hint(recipe, args) -> str:
 
 
 def run(args) -> int:
-    from ..recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
-    from ..io.checkpoint import CheckpointError
-    from ..io.rundir import DiskError
     from ..train.loop import LaunchError, TrainingStopped, train  # heavy imports only once the recipe is known to be valid
 
     try:
