@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..io.final import ADAPTER_DIR, QPARAMS_FILE, QUANT_FILE, find_final, has_adapter, read_qparams
+from ..io.final import ADAPTER_DIR, QPARAMS_FILE, QUANT_FILE, FinalError, find_final, has_adapter, load_quant_layers, read_qparams
 from ..io.models import DTYPES
 from ..quant.grid import dequantize, quantize
 from ..quant.linear import QuantizedWeight
@@ -64,16 +64,12 @@ def describe(key: tuple) -> str:
 
 
 def read_layers(final_dir: Path) -> dict[str, dict]:
-    path = final_dir / QUANT_FILE
-    if not path.is_file():
+    if not (final_dir / QUANT_FILE).is_file():
         raise ExportError(f"{final_dir}: no {QUANT_FILE} (was final/ written by qat?)")
     try:
-        data = json.loads(path.read_text())
-        layers = data.get("layers", {}) if isinstance(data, dict) else None
-    except (OSError, ValueError) as e:
-        raise ExportError(f"{path}: unreadable ({e.__class__.__name__}: {e}); final/ is damaged, write it again with qat train / qat ptq") from None
-    if layers is None or not isinstance(layers, dict):
-        raise ExportError(f"{path}: not a qat_quant.json (no layers); final/ is damaged")
+        layers = load_quant_layers(final_dir)
+    except FinalError as e:
+        raise ExportError(str(e)) from None
     if not layers:
         raise ExportError(f"{final_dir}: no quantized layers (a quant: null run); there is nothing to pack")
     return layers

@@ -69,10 +69,24 @@ def save_final(model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype) -
     return layers
 
 
+class FinalError(ValueError):
+    """A ``final/`` that is missing a part or damaged; the message names the file."""
+
+
 def load_quant_layers(final_dir: Path) -> dict[str, dict]:
-    """The ``layers`` of ``qat_quant.json`` (``{}`` when there is none)."""
+    """The ``layers`` of ``qat_quant.json`` (``{}`` when there is none); ``FinalError`` when the
+    file is there but damaged."""
     path = Path(final_dir) / QUANT_FILE
-    return json.loads(path.read_text())["layers"] if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise FinalError(f"{path}: unreadable ({e.__class__.__name__}: {e}); final/ is damaged, write it again with qat train / qat ptq") from None
+    layers = data.get("layers") if isinstance(data, dict) else None
+    if not isinstance(layers, dict):
+        raise FinalError(f"{path}: not a qat_quant.json (no layers); final/ is damaged")
+    return layers
 
 
 def find_final(path: str | Path) -> Path | None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io.final import QUANT_FILE, SCALES_FILE, effective_weights, has_adapter, load_quant_layers, read_qparams
+from ..io.final import QUANT_FILE, FinalError, SCALES_FILE, effective_weights, has_adapter, load_quant_layers, read_qparams
 from ..quant.apply import qat_linears, reinit_qparams
 from ..quant.grid import minmax_qparams
 from ..recipe import RecipeError
@@ -34,7 +34,10 @@ def check_layers(schemes: dict, run: str | Path) -> None:
     """``run`` quantized the same layers with the same bits, group size and symmetry as ``schemes``
     (``{layer: QuantScheme}``), else a ``RecipeError`` on ``quant.init_from`` (read from
     ``qat_quant.json`` alone: the recipe check runs it before any weights load)."""
-    saved = load_quant_layers(final_dir_of(run))
+    try:
+        saved = load_quant_layers(final_dir_of(run))
+    except FinalError as e:
+        raise RecipeError(f"quant.init_from: {e}") from None
     if set(saved) != set(schemes):
         only = sorted(set(schemes) ^ set(saved))[:3]
         raise RecipeError(f"quant.init_from: {run} quantized other layers than this recipe (e.g. {only})")
