@@ -30,7 +30,7 @@ import torch
 import yaml
 
 from .data import build_datasets
-from .data.plans import heldout_blocks
+from .data.plans import heldout_blocks, qat_train_tokens
 from .deps import MissingDependency, available, hint, require
 from .evaluate.diagnostic import bits_per_weight, layer_output_errors, local_vs_global_inversions, mean_error
 from .evaluate.perplexity import perplexity
@@ -71,12 +71,13 @@ def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None
     return result
 
 
-def run_or_reuse_ptq(recipe: Recipe, method: str, rerun: bool) -> tuple[Path, dict, bool]:
+def run_or_reuse_ptq(recipe: Recipe, method: str, rerun: bool, processes: int = 1) -> tuple[Path, dict, bool]:
+    """A PTQ run calibrated on the QAT run's global budget (``processes``: the processes it trained with)."""
     d = default_run_dir(recipe, method)
     ev = None if rerun else reusable(d, recipe, "ptq", method)
-    if ev is not None:
+    if ev is not None and ev.get("qat_processes", 1) == processes:
         return d, ev, True
-    run_ptq(recipe, method, d, overwrite=True)
+    run_ptq(recipe, method, d, overwrite=True, processes=processes)
     return d, json.loads((d / "eval.json").read_text()), False
 
 
@@ -94,11 +95,11 @@ def run_or_reuse_qat(recipe: Recipe, rerun: bool) -> tuple[Path, dict, bool]:
     return d, json.loads((d / "eval.json").read_text()), False
 
 
-def qat_tokens(recipe: Recipe, steps: int | None) -> int | None:
-    t = recipe.train
-    if steps is None:
-        return None
-    return steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+def qat_tokens(recipe: Recipe, ev: dict) -> int | None:
+    """The QAT run's global token count (older runs recorded only their steps: one process)."""
+    if "train_tokens" in ev:
+        return ev["train_tokens"]
+    return qat_train_tokens(recipe, ev["steps"]) if ev.get("steps") is not None else None
 
 
 def scheme_label(recipe: Recipe) -> str:
@@ -116,9 +117,11 @@ def compare_recipe(recipe: Recipe, rerun: bool = False, with_qat: bool = True) -
     if not recipe.data.valid_files and not recipe.data.valid_split and not recipe.data.valid_fraction:
         raise RecipeError("data: compare needs a validation split (data.valid_files, valid_split or valid_fraction)")
     label = scheme_label(recipe)
-    runs: dict[str, tuple[Path, dict, bool]] = {m: run_or_reuse_ptq(recipe, m, rerun) for m in recipe.ptq.methods}
-    if with_qat:
-        runs["qat"] = run_or_reuse_qat(recipe, rerun)
+    qat = run_or_reuse_qat(recipe, rerun) if with_qat else None  # first: PTQ takes its global token budget
+    processes = qat[1].get("processes", 1) if qat else 1
+    runs: dict[str, tuple[Path, dict, bool]] = {m: run_or_reuse_ptq(recipe, m, rerun, processes) for m in recipe.ptq.methods}
+    if qat:
+        runs["qat"] = qat
     _, valid = build_datasets(recipe.data.model_copy(update={"max_train_tokens": recipe.data.seq_len}), load_tokenizer(recipe), seed=recipe.train.seed)
     device = torch.device(recipe.ptq.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher = load_teacher(recipe, device)
@@ -192,7 +195,7 @@ def variant_row(recipe: Recipe, label: str, method: str, run: tuple[Path, dict, 
         "ppl_ratio": s["ppl"] / fp["ppl"],
         "kl_to_teacher": s.get("kl_to_teacher"),
         "mean_layer_error": mean_error(errors),
-        "data_tokens": ev.get("calib_tokens") if method != "qat" else qat_tokens(recipe, ev.get("steps")),
+        "data_tokens": ev.get("calib_tokens") if method != "qat" else qat_tokens(recipe, ev),
         "wall_time_s": ev.get("wall_time_s"),
         "quant_time_s": ev.get("quant_time_s"),
         "eval_tokens": s["tokens"],

@@ -307,6 +307,20 @@ def test_calibration_budget_is_the_qat_budget():
     assert calibration_budget(r, 10**9) == (640, "ptq.calib_tokens")
     r = load_recipe(TINY, ["train.max_steps=null", "train.epochs=0.5"], check_files=False)
     assert calibration_budget(r, 10000)[0] == 5000
+    assert calibration_budget(r, 10000, processes=8)[0] == 5000  # an epoch is global already
+
+
+def test_calibration_budget_is_global_over_the_qat_processes():
+    """At 8 processes the QAT run trains on 8 x the tokens of one: the baselines get as many."""
+    from qat.compare import qat_tokens
+    from qat.data.plans import calibration_budget
+    from qat.recipe import load_recipe
+
+    r = load_recipe(TINY, ["train.max_steps=30", "train.micro_batch_size=8", "train.grad_accum=2"], check_files=False)
+    tokens, why = calibration_budget(r, 10**9, processes=8)
+    assert tokens == 30 * 8 * 2 * 128 * 8 and "x 8 processes" in why
+    assert qat_tokens(r, {"steps": 30, "processes": 8, "train_tokens": tokens}) == tokens
+    assert qat_tokens(r, {"steps": 30}) == 30 * 8 * 2 * 128  # a run from before the count was recorded: one process
 
 
 def test_awq_scale_groups_and_fold_check(tiny):

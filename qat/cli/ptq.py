@@ -6,7 +6,7 @@ Writes to ``<output_dir>-ptq-<method>`` (beside the QAT run of the same recipe),
 
 from __future__ import annotations
 
-from ..recipe import PTQ_METHODS, load_recipe
+from ..recipe import PTQ_METHODS, RecipeError, load_recipe
 
 
 def run(args) -> int:
@@ -14,7 +14,9 @@ def run(args) -> int:
     from ..ptq import run_ptq
 
     explicit = any(o.split("=", 1)[0] == "output_dir" for o in args.overrides)
-    out = run_ptq(recipe, args.method, recipe.output_dir if explicit else None, overwrite=args.overwrite)
+    if args.processes < 1:
+        raise RecipeError(f"--processes: must be at least 1 (got {args.processes})")
+    out = run_ptq(recipe, args.method, recipe.output_dir if explicit else None, overwrite=args.overwrite, processes=args.processes)
     print(f"run directory: {out}")
     return 0
 
@@ -24,5 +26,7 @@ def add_parser(sub) -> None:
     p.add_argument("recipe", help="YAML recipe (its model, quant scheme, training data as calibration data)")
     p.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="e.g. ptq.calib_tokens=65536 ptq.gptq.act_order=true")
     p.add_argument("--method", required=True, choices=PTQ_METHODS)
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="processes the QAT run trains with: the calibration budget is its global one (default 1)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in the output directory")
     p.set_defaults(func=run)

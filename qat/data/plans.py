@@ -42,14 +42,23 @@ def batch_of(blocks, idx: torch.Tensor, device) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
-def calibration_budget(recipe: Recipe, train_tokens: int) -> tuple[int, str]:
-    """Calibration tokens and where the number comes from (capped by the training data)."""
+def qat_train_tokens(recipe: Recipe, steps: int, processes: int = 1) -> int:
+    """Tokens a QAT run of ``steps`` optimizer steps trains on, over all its processes."""
+    t = recipe.train
+    return steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len * processes
+
+
+def calibration_budget(recipe: Recipe, train_tokens: int, processes: int = 1) -> tuple[int, str]:
+    """Calibration tokens and where the number comes from (capped by the training data): the QAT
+    run's global budget, so ``processes`` is the number of processes that run trains with (each
+    takes its own micro-batches)."""
     p, t = recipe.ptq, recipe.train
     if p.calib_tokens is not None:
         want, why = p.calib_tokens, "ptq.calib_tokens"
     elif t.max_steps is not None:
-        want = t.max_steps * t.micro_batch_size * t.grad_accum * recipe.data.seq_len
+        want = qat_train_tokens(recipe, t.max_steps, processes)
         why = f"QAT budget: train.max_steps {t.max_steps} x micro_batch_size {t.micro_batch_size} x grad_accum {t.grad_accum} x seq_len {recipe.data.seq_len}"
+        why += f" x {processes} processes" if processes != 1 else ""
     else:
         want = math.ceil(t.epochs * train_tokens)
         why = f"QAT budget: train.epochs {t.epochs} x {train_tokens} training tokens"

@@ -159,7 +159,7 @@ def save_adapter(model: nn.Module, lora: dict, path: Path):
     return peft_model.eval()
 
 
-def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, overwrite: bool = False) -> Path:
+def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, overwrite: bool = False, processes: int = 1) -> Path:
     """Quantize the recipe's model with ``method`` and write the run directory (see module doc):
     check -> run directory -> data and calibration blocks -> quantize -> final/ -> eval.json."""
     out = check_ptq(recipe, method, out_dir, overwrite)
@@ -171,7 +171,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
         recipe = recipe.model_copy(update={"output_dir": str(out)})
         write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
         tokenizer, config, plan, train_set, valid_set = load_plan_and_data(recipe, out)
-        calib, why = calibration_set(recipe, method, train_set)
+        calib, why = calibration_set(recipe, method, train_set, processes)
         save_dtype = DTYPES[final_dtype(recipe, config)]  # from the source config, before loading changes it
         student, teacher = load_models(recipe, config)
         student.eval().requires_grad_(False)
@@ -193,6 +193,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
             "calib_tokens": calib.n_tokens if calib is not None else 0,
             "calib_sequences": len(calib) if calib is not None else 0,
             "calib_budget": why,
+            "qat_processes": processes,
             "device": str(device),
             "offload": offload,
             "quant_time_s": timings["quantize_s"],
@@ -222,11 +223,11 @@ def check_ptq(recipe: Recipe, method: str, out_dir: str | Path | None, overwrite
     return out
 
 
-def calibration_set(recipe: Recipe, method: str, train_set):
+def calibration_set(recipe: Recipe, method: str, train_set, processes: int = 1):
     """(calibration blocks or None for a data-free method, where their number comes from)."""
     if method in ("rtn", "rtn-mse", "nf4"):
         return None, "data-free"
-    budget, why = calibration_budget(recipe, train_set.n_tokens)
+    budget, why = calibration_budget(recipe, train_set.n_tokens, processes)
     if budget == 0:
         raise RecipeError(f"ptq.calib_tokens: {method} needs calibration data but the budget is 0 ({why})")
     calib = calibration_blocks(train_set, budget, recipe.train.seed)

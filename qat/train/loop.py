@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..data.generate import build_run_datasets
-from ..data.plans import BatchPlan, batch_of, blocks_used
+from ..data.plans import BatchPlan, batch_of, blocks_used, qat_train_tokens
 from ..data.setup import check_positions, tokenizer_for
 from ..deps import require
 from ..distill import distill_loss
@@ -442,7 +442,8 @@ def evaluate_final(run: Run) -> None:
     """eval.json: final/ as loaded from disk (exact weights, fp32 arithmetic) vs the teacher, on
     every process; logged to the trackers."""
     recipe, acc = run.recipe, run.accelerator
-    result = {"steps": run.step, "wall_time_s": None, "quantized_layers": len(run.report.layers) if run.report else 0, "frozen_layers": run.frozen}
+    result = {"steps": run.step, "processes": acc.num_processes, "train_tokens": qat_train_tokens(recipe, run.step, acc.num_processes),
+              "wall_time_s": None, "quantized_layers": len(run.report.layers) if run.report else 0, "frozen_layers": run.frozen}
     if run.valid_set is not None:
         ev = recipe.eval
         final, _ = load_model_dir(run.out / "final", "float32", str(acc.device), recipe.model.trust_remote_code)
