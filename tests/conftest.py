@@ -21,6 +21,14 @@ NO_FIXTURES = "../shared/models/llama-tiny not found (fixtures live beside the r
 needs_tiny = pytest.mark.skipif(not HAVE_TINY, reason=NO_FIXTURES)
 
 
+# A run that needs no fixture: the quickstart's from-scratch recipe, shrunk to a 1-layer model on a
+# little stdlib text (seconds on a CPU). Tests of the run machinery use it so a fresh clone runs them.
+PRETRAIN = str(REPO_ROOT / "recipes" / "quickstart" / "pretrain.yaml")
+SCRATCH_SMALL = ["data.max_train_tokens=20000", "data.max_valid_tokens=2048", "train.micro_batch_size=4",
+                 "tokenizer.train_vocab_size=300", "model.config.hidden_size=32", "model.config.intermediate_size=64",
+                 "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=1"]
+
+
 def require_tiny() -> Path:
     """Skip the calling test or fixture (with the reason shown in the summary) without llama-tiny."""
     if not HAVE_TINY:

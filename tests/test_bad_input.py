@@ -6,12 +6,12 @@ import gzip
 from pathlib import Path
 
 import pytest
+from conftest import PRETRAIN  # noqa: E402
 
 from qat.cli import main
 from qat.recipe import MAX_MESSAGE, RecipeError, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = str(REPO / "recipes/quickstart/pretrain.yaml")
 
 
 def refused(capsys, *args: str) -> str:
@@ -46,8 +46,6 @@ def test_inline_model_config_is_checked(override, expect, tmp_path, capsys):
 
 
 def test_a_legacy_config_key_transformers_understands_is_accepted():
-    from transformers import AutoTokenizer  # noqa: F401  (the check needs no weights)
-
     from qat.io.models import model_config
 
     recipe = load_recipe(PRETRAIN, ["model.config.rope_theta=20000.0"], check_files=False)

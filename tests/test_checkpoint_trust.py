@@ -10,16 +10,14 @@ import warnings
 from pathlib import Path
 
 import pytest
+from conftest import PRETRAIN, SCRATCH_SMALL  # noqa: E402
 
 import qat.train.loop
 from qat.cli import main
 from qat.io.checkpoint import checkpoint_dirs, checkpoint_problem
 
 REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = str(REPO / "recipes/quickstart/pretrain.yaml")
-SMALL = ["data.max_train_tokens=20000", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "tokenizer.train_vocab_size=300",
-         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
-         "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=1", "train.log_every=1", "train.warmup_steps=0"]
+SMALL = [*SCRATCH_SMALL, "train.log_every=1", "train.warmup_steps=0"]
 
 
 def train(out: Path, *extra: str) -> int:

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import PRETRAIN  # noqa: E402
 
 from qat.cli import main
 from qat.deps import OPTIONAL, MissingDependency, available, require
 
 REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = str(REPO / "recipes/quickstart/pretrain.yaml")  # from scratch: needs no fixture
 
 
 def hide(monkeypatch, *modules: str) -> None:

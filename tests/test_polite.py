@@ -12,13 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import PRETRAIN, SCRATCH_SMALL  # noqa: E402
+
 from qat.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = str(REPO / "recipes/quickstart/pretrain.yaml")
-SMALL = ["data.max_train_tokens=20000", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "tokenizer.train_vocab_size=300",
-         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
-         "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=1"]
 
 
 def short(err: str, lines: int = 2) -> str:
@@ -74,14 +72,14 @@ def test_multi_process_launch_without_cpu_flag_is_one_line(tmp_path, capsys, mon
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
     out = tmp_path / "run"
-    assert main(["train", PRETRAIN, f"output_dir={out}", *SMALL]) == 2
+    assert main(["train", PRETRAIN, f"output_dir={out}", *SCRATCH_SMALL]) == 2
     err = short(capsys.readouterr().err, 1)
     assert "ACCELERATE_USE_CPU=1" in err and not out.exists()
 
 
 def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path):
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "qat", "train", PRETRAIN, f"output_dir={out}", *SMALL, "train.max_steps=100000",
+    args = [sys.executable, "-m", "qat", "train", PRETRAIN, f"output_dir={out}", *SCRATCH_SMALL, "train.max_steps=100000",
             "checkpoint.every=1", "train.log_every=1000", "eval.every=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

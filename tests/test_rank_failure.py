@@ -9,10 +9,9 @@ import sys
 import time
 from pathlib import Path
 
+from conftest import PRETRAIN, SCRATCH_SMALL
+
 REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = str(REPO / "recipes/quickstart/pretrain.yaml")
-SMALL = ["data.max_train_tokens=20000", "tokenizer.train_vocab_size=300", "model.config.hidden_size=32", "model.config.intermediate_size=64",
-         "model.config.num_attention_heads=2", "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=1"]
 DRIVER = '''
 import os, sys
 import accelerate
@@ -33,7 +32,7 @@ def test_a_rank_that_fails_in_a_checkpoint_write_ends_the_run(tmp_path):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
            "--mixed_precision", "no", "--dynamo_backend", "no", str(driver), "train", PRETRAIN, f"output_dir={tmp_path / 'run'}",
-           *SMALL, "train.max_steps=4", "checkpoint.every=2"]
+           *SCRATCH_SMALL, "train.max_steps=4", "checkpoint.every=2"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     took = time.perf_counter() - t0

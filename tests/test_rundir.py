@@ -11,16 +11,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import PRETRAIN, SCRATCH_SMALL  # noqa: E402
 
 from qat.cli import main
 from qat.io.rundir import MARKER, RunLock, forbidden, marker
 from qat.recipe import RecipeError
 
 REPO = Path(__file__).resolve().parents[1]
-PRETRAIN = str(REPO / "recipes/quickstart/pretrain.yaml")
-SMALL = ["data.max_train_tokens=20000", "data.max_valid_tokens=2048", "train.micro_batch_size=4", "tokenizer.train_vocab_size=300",
-         "model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_attention_heads=2",
-         "model.config.num_key_value_heads=2", "model.config.num_hidden_layers=1", "train.max_steps=1", "train.log_every=1"]
+SMALL = [*SCRATCH_SMALL, "train.max_steps=1", "train.log_every=1"]
 
 
 def train(out: Path, *extra: str) -> int:

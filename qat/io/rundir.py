@@ -8,8 +8,9 @@ Rules (every writer goes through them):
   run writes (``RUN_FILES``); caches (``teacher-cache/``, ``generated-data/``) are kept.
 - **Never a directory that holds more than runs:** ``/``, the home directory, the current
   directory and any of their parents are refused as a run directory (checked on the resolved path).
-- **Nothing leaves the run directory:** a run file that is a symbolic link is refused, and a path
-  written through ``inside`` must resolve under the run directory.
+- **Nothing leaves the run directory:** a run file, cache directory, marker or lock that is a
+  symbolic link is refused before anything is written; ``final/`` and checkpoints are written
+  into fresh temporary directories and renamed, so a link planted inside them is never written through.
 - **One process per run directory:** ``RunLock`` holds an OS file lock (``fcntl.flock``, released
   by the kernel when the process dies) for as long as the run writes; a second process exits 2.
 - **Atomic writes:** ``write_text_atomic`` / ``write_json_atomic`` write a temporary file in the
@@ -118,14 +119,6 @@ def create_run_dir(out: Path, kind: str, clear: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if marker(out) is None:
         write_json_atomic(out / MARKER, {"kind": kind, "created": datetime.datetime.now().isoformat(timespec="seconds")})
-
-
-def inside(root: Path, path: Path) -> Path:
-    """``path`` if it resolves inside ``root`` (no symbolic link leads out), else a RecipeError."""
-    r, p = resolved(root), resolved(path)
-    if p != r and r not in p.parents:
-        raise RecipeError(f"output_dir: {path} resolves to {p}, outside the run directory {r} (a symbolic link?); refusing to write")
-    return path
 
 
 class RunLock:
