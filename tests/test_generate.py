@@ -84,3 +84,28 @@ def test_train_on_teacher_generated_data(tmp_path):
                  "data.max_valid_tokens=512", "eval.batch_size=8", "train.log_every=1"]) == 0
     assert (out / "generated-data").is_dir() and any((out / "generated-data").glob("*/shard-00000.safetensors"))
     assert json.loads((out / "eval.json").read_text())["student"]["ppl"] > 0
+
+
+def test_two_processes_share_the_sampling_and_match_one(tmp_path):
+    """Under `accelerate launch` (2 gloo processes) both ranks sample their share of the shards
+    (no rank waits at a barrier for the main one to do it all), and the shards equal one process's:
+    shard i is seeded by i, whoever samples it."""
+    import subprocess
+    import sys
+
+    from qat.data import generate
+
+    one = generate.generate_cached(_recipe(tmp_path / "one"), _tok(), "cpu", progress=False)
+    two_cache = tmp_path / "two" / "cache"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qat", "train", TINY, f"output_dir={tmp_path / 'two' / 'run'}",
+           f"data.cache_dir={two_cache}", *GEN, "data.valid_files=null", "train.max_steps=1", "train.micro_batch_size=1", "eval.every=0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = next(two_cache.glob("*/"))  # the keyed cache directory
+    assert json.loads((two / "meta.json").read_text())["complete"] is True
+    names = sorted(p.name for p in one.glob("shard-*.safetensors"))
+    assert names == sorted(p.name for p in two.glob("shard-*.safetensors")) and len(names) == 3
+    for n in names:
+        assert torch.equal(load_file(str(one / n))["input_ids"], load_file(str(two / n))["input_ids"]), n

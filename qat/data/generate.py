@@ -88,26 +88,44 @@ def sample_batch(teacher, n: int, length: int, vocab: int, temperature: float, t
     return torch.cat(out, dim=1).cpu()
 
 
-def generate_cached(recipe, tokenizer, device=None, progress: bool = True) -> Path:
-    """Fill the cache directory (resuming at the first missing shard); returns it."""
+def split_once(todo: list[int], accelerator=None) -> list[int]:
+    """The main process's list, broadcast to every process, so that all split the same work
+    (each rank reading the directory itself could see a shard another rank just wrote)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return todo
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([todo if accelerator.is_main_process else None])[0]
+
+
+def generate_cached(recipe, tokenizer, device=None, progress: bool = True, accelerator=None) -> Path:
+    """Fill the cache directory (resuming at the first missing shard); returns it. Under several
+    processes every rank samples its share of the missing shards (shard i is seeded by i, so who
+    samples it does not change it), then all wait for the complete set."""
     from tqdm.auto import tqdm
 
     params = gen_params(recipe)
     d = cache_dir(recipe)
     meta_path = d / META
+    main = accelerator is None or accelerator.is_main_process
     if meta_path.exists() and json.loads(meta_path.read_text()).get("complete"):
         return d
-    d.mkdir(parents=True, exist_ok=True)
-    meta_path.write_text(json.dumps({**params, "complete": False}, indent=1))
+    if main:
+        d.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps({**params, "complete": False}, indent=1))
     n_shards = -(-params["count"] // params["batch_size"])
-    todo = [i for i in range(n_shards) if not (d / SHARD.format(i)).exists()]
+    todo = split_once([i for i in range(n_shards) if not (d / SHARD.format(i)).exists()], accelerator)
+    if accelerator is not None:
+        todo = todo[accelerator.process_index :: accelerator.num_processes]
+        device = device or accelerator.device
     if todo:
+        d.mkdir(parents=True, exist_ok=True)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         teacher = load_teacher(recipe, device)
         vocab = teacher.get_output_embeddings().weight.shape[0]
         exclude = _special_ids(tokenizer)
         done = params["batch_size"] * (n_shards - len(todo))
-        bar = tqdm(total=params["count"], initial=min(done, params["count"]), desc="generating teacher data", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(total=params["count"], initial=min(done, params["count"]), desc="generating teacher data", disable=not progress or not main, dynamic_ncols=True)
         for i in todo:
             n = min(params["batch_size"], params["count"] - i * params["batch_size"])
             ids = sample_batch(teacher, n, params["length"], vocab, params["temperature"], params["top_k"], params["seed"], i, exclude, device)
@@ -115,7 +133,12 @@ def generate_cached(recipe, tokenizer, device=None, progress: bool = True) -> Pa
             bar.update(n)
         bar.close()
         del teacher
-    meta_path.write_text(json.dumps({**params, "complete": True, "shards": n_shards}, indent=1))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if main:
+        meta_path.write_text(json.dumps({**params, "complete": True, "shards": n_shards}, indent=1))
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return d
 
 

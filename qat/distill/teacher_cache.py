@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.generate import SHARD, save_shard
+from ..data.generate import SHARD, save_shard, split_once
 from ..io.models import load_teacher
 from ..recipe import Recipe, RecipeError
 from .losses import TopK
@@ -117,6 +117,7 @@ def precompute(recipe: Recipe, blocks, block_indices: torch.Tensor, accelerator=
     if accelerator:
         accelerator.wait_for_everyone()
     todo = [i for i in needed_shards(block_indices, c.shard_blocks) if not (d / SHARD.format(i)).exists()]
+    todo = split_once(todo, accelerator)  # rank 0's view for all: a shard written meanwhile cannot shift it
     mine = todo[rank::world]
     if mine:
         device = accelerator.device if accelerator else torch.device("cuda" if torch.cuda.is_available() else "cpu")

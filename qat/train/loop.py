@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..data.generate import build_run_datasets
+from ..data.generate import build_run_datasets, generate_cached
 from ..data.plans import BatchPlan, batch_of, blocks_used, qat_train_tokens
 from ..data.setup import check_positions, tokenizer_for
 from ..deps import require
@@ -202,7 +202,8 @@ def start_processes(recipe: Recipe):
 def prepare_data(run: Run, overwrite: bool, resume_from: Path | None) -> None:
     """recipe -> tokenizer, config, a weightless check of quant/freeze -> data, all before the run
     directory is touched: the main process goes first, and writes it only once everything passed.
-    Then the teacher's top-k cache, when the recipe asks for one."""
+    Teacher-generated data and the teacher's top-k cache are made by every process, each its share
+    of the shards (split once by the main process)."""
     recipe, acc, t = run.recipe, run.accelerator, run.recipe.train
     with acc.main_process_first():
         run.tokenizer = tokenizer_for(recipe, run.out, reuse_trained=not run.main or recipe.checkpoint.resume is not None)
@@ -210,6 +211,9 @@ def prepare_data(run: Run, overwrite: bool, resume_from: Path | None) -> None:
         run.save_dtype = final_dtype(recipe, run.config)  # from the source config, before loading changes it
         check_positions(recipe, run.config)
         dry_run_quant(recipe, run.config)
+    if recipe.data.source == "teacher-generated":  # every process samples its share of the shards
+        generate_cached(recipe, run.tokenizer, accelerator=acc)
+    with acc.main_process_first():
         try:
             run.train_set, run.valid_set = build_run_datasets(recipe, run.tokenizer)  # teacher-generated: cached samples
         except ValueError as e:
