@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 
 from ..deps import require
-from ..io.final import ADAPTER_DIR
+from ..io.final import ADAPTER_DIR, has_adapter
 from ..io.rundir import forbidden, resolved, write_json_atomic
 from .formats import FORMATS, WRITERS, _tokenizer_files
 from .merge import merge_lora, sample_ids
@@ -126,7 +126,7 @@ def check_export(run_dir, fmt: str, out, merge: bool, overwrite: bool, verify: b
     layers = read_layers(final)
     if fmt in ("compressed-tensors", "gptq"):  # both pack with compressed-tensors' pack_to_int32
         require("compressed_tensors", f"qat export --format {fmt}")
-    if (final / ADAPTER_DIR / "adapter_config.json").is_file() and (merge or verify):
+    if has_adapter(final) and (merge or verify):
         require("peft", "a run with a LoRA adapter (final/adapter)")
     if fmt == "gptq":
         check_gptq_schemes(layers)
