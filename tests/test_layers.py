@@ -14,7 +14,7 @@ QAT = Path(__file__).resolve().parents[1] / "qat"
 
 # bottom to top; a module may import its own package and anything in a lower layer
 LAYERS = [
-    ["qat.quant", "qat.deps"],  # pure grid math, fake-quant Linear, wrapping, freeze; optional-dependency hints
+    ["qat.quant", "qat.deps", "qat.dist"],  # pure grid math, fake-quant Linear, wrapping, freeze; optional-dependency hints; rank helpers
     ["qat.recipe"],  # the schema
     ["qat.io"],  # models (one loader), run directory, final/ artifact, checkpoints
     ["qat.policy"],  # the recipe's quant / freeze / schedule / init_from applied to a model

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import shlex
 import sys
 from pathlib import Path
 
+from ..dist import rank_zero
 from ..io.checkpoint import CheckpointError, latest_checkpoint
 from ..io.rundir import DiskError
 from ..recipe import load_recipe
@@ -33,14 +33,14 @@ def run(args) -> int:
         print(f"qat: training stopped: {e}", file=sys.stderr)
         return 1
     except LaunchError as e:  # every rank raises it; one says it
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank_zero():
             print(f"qat: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, where the run can pick up again
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank_zero():
             print(f"\nqat: interrupted. {resume_hint(recipe, args)}", file=sys.stderr)
         return 130
-    if int(os.environ.get("RANK", "0")) == 0:
+    if rank_zero():
         print(f"run directory: {out}")
     return 0
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..dist import from_main_process
 from ..io.models import load_teacher
 from .corpus import TokenBlocks, build_datasets
 
@@ -88,16 +89,6 @@ def sample_batch(teacher, n: int, length: int, vocab: int, temperature: float, t
     return torch.cat(out, dim=1).cpu()
 
 
-def split_once(todo: list[int], accelerator=None) -> list[int]:
-    """The main process's list, broadcast to every process, so that all split the same work
-    (each rank reading the directory itself could see a shard another rank just wrote)."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return todo
-    from accelerate.utils import broadcast_object_list
-
-    return broadcast_object_list([todo if accelerator.is_main_process else None])[0]
-
-
 def generate_cached(recipe, tokenizer, device=None, progress: bool = True, accelerator=None) -> Path:
     """Fill the cache directory (resuming at the first missing shard); returns it. Under several
     processes every rank samples its share of the missing shards (shard i is seeded by i, so who
@@ -114,7 +105,8 @@ def generate_cached(recipe, tokenizer, device=None, progress: bool = True, accel
         d.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps({**params, "complete": False}, indent=1))
     n_shards = -(-params["count"] // params["batch_size"])
-    todo = split_once([i for i in range(n_shards) if not (d / SHARD.format(i)).exists()], accelerator)
+    missing = [i for i in range(n_shards) if not (d / SHARD.format(i)).exists()] if main else None
+    todo = from_main_process(missing, accelerator)  # decided once: a shard written meanwhile cannot shift the split
     if accelerator is not None:
         todo = todo[accelerator.process_index :: accelerator.num_processes]
         device = device or accelerator.device

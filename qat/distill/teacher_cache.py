@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..data.generate import SHARD, save_shard, split_once
+from ..data.generate import SHARD, save_shard
+from ..dist import from_main_process
 from ..io.models import load_teacher
 from ..recipe import Recipe, RecipeError
 from .losses import TopK
@@ -116,8 +117,8 @@ def precompute(recipe: Recipe, blocks, block_indices: torch.Tensor, accelerator=
         tmp.replace(d / META)
     if accelerator:
         accelerator.wait_for_everyone()
-    todo = [i for i in needed_shards(block_indices, c.shard_blocks) if not (d / SHARD.format(i)).exists()]
-    todo = split_once(todo, accelerator)  # rank 0's view for all: a shard written meanwhile cannot shift it
+    missing = [i for i in needed_shards(block_indices, c.shard_blocks) if not (d / SHARD.format(i)).exists()] if rank == 0 else None
+    todo = from_main_process(missing, accelerator)  # decided once: a shard written meanwhile cannot shift the split
     mine = todo[rank::world]
     if mine:
         device = accelerator.device if accelerator else torch.device("cuda" if torch.cuda.is_available() else "cpu")

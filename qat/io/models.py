@@ -53,23 +53,24 @@ def model_config(recipe: Recipe, tokenizer):
     if kw["model_type"] not in CONFIG_MAPPING:
         raise RecipeError(f"model.config.model_type: unknown model type {kw['model_type']!r} (e.g. llama, mistral, qwen2, opt)")
     config_class = CONFIG_MAPPING[kw["model_type"]]
-    check_inline_config(m.config, config_class)
+    defaults = config_class().to_dict()
+    check_inline_config(m.config, defaults)
     try:
         config = AutoConfig.for_model(**kw)
     except Exception as e:  # ValueError, TypeError, or huggingface_hub's validation error wrapping one
         raise RecipeError(f"model.config: {first_line(e.__cause__ or e)}") from None
-    check_unknown_keys(m.config, config_class, config)
+    check_unknown_keys(m.config, config_class, defaults, config)
     return config
 
 
-def check_inline_config(given: dict, config_class) -> None:
+def check_inline_config(given: dict, defaults: dict) -> None:
     """An inline ``model.config`` before transformers sees it: sizes and counts positive integers,
     heads dividing the hidden size (transformers accepts negative sizes silently)."""
     for key, value in given.items():
         if key.endswith(("_size", "_layers", "_heads")) or key.startswith("num_") or key == "max_position_embeddings":
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise RecipeError(f"model.config.{key}: expected a positive integer (got {value!r})")
-    merged = {**config_class().to_dict(), **given}
+    merged = {**defaults, **given}
     heads, hidden, kv = merged.get("num_attention_heads"), merged.get("hidden_size"), merged.get("num_key_value_heads")
     if isinstance(heads, int) and isinstance(hidden, int) and hidden % heads:
         raise RecipeError(f"model.config.num_attention_heads: {heads} does not divide hidden_size {hidden}")
@@ -77,10 +78,10 @@ def check_inline_config(given: dict, config_class) -> None:
         raise RecipeError(f"model.config.num_key_value_heads: {kv} does not divide num_attention_heads {heads}")
 
 
-def check_unknown_keys(given: dict, config_class, config) -> None:
+def check_unknown_keys(given: dict, config_class, defaults: dict, config) -> None:
     """A key the model type does not know: transformers keeps it as a stray attribute (a legacy
     key it understands, e.g. ``rope_theta``, is folded into the config instead and passes)."""
-    known = set(inspect.signature(config_class.__init__).parameters) | set(config_class().to_dict()) | {"model_type"}
+    known = set(inspect.signature(config_class.__init__).parameters) | set(defaults) | {"model_type"}
     stray = [k for k in given if k not in known and k in config.to_dict()]
     if stray:
         close = difflib.get_close_matches(stray[0], sorted(known), n=1, cutoff=0.75)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..io.final import QUANT_FILE, FinalError, SCALES_FILE, effective_weights, has_adapter, load_quant_layers, read_qparams
+from ..io.final import QUANT_FILE, SCALES_FILE, FinalError, effective_weights, has_adapter, load_quant_layers, read_qparams
 from ..quant.apply import qat_linears, reinit_qparams
 from ..quant.grid import minmax_qparams
 from ..recipe import RecipeError

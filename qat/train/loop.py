@@ -29,6 +29,7 @@ from ..data.generate import build_run_datasets, generate_cached
 from ..data.plans import BatchPlan, batch_of, blocks_used, qat_train_tokens
 from ..data.setup import check_positions, tokenizer_for
 from ..deps import require
+from ..dist import from_main_process
 from ..distill import distill_loss
 from ..distill.teacher_cache import TeacherCache
 from ..distill.teacher_cache import check as check_teacher_cache
@@ -268,19 +269,16 @@ def build_models(run: Run, init: bool) -> None:
 def resume(run: Run, resume_from: Path | None) -> None:
     """Load a checkpoint (model, optimizer, RNG, step), and open metrics.jsonl and the trackers."""
     recipe, acc = run.recipe, run.accelerator
-    if resume_from is not None:  # checksums, state and step verified; an older checkpoint if need be
-        explicit = None if recipe.checkpoint.resume == "auto" else resume_from
-        resume_from, passed_over = usable_checkpoint(run.out / "checkpoints", explicit, run.max_steps)
-        for line in passed_over if run.main else ():
-            print(f"checkpoint.resume: {line}")
     if resume_from is not None:
-        if recipe.freeze.start_step and freeze_due(recipe, read_state(resume_from)["step"]):
+        resume_from = verified_checkpoint(run, resume_from)
+    if resume_from is not None:
+        state = read_state(resume_from)
+        if recipe.freeze.start_step and freeze_due(recipe, state["step"]):
             freeze_layers(acc.unwrap_model(run.student), recipe)  # the checkpoint holds the frozen layout
         try:  # safetensors for the models; accelerate reads the rest with torch.load(weights_only=True)
             acc.load_state(str(resume_from))
         except Exception as e:
             raise CheckpointError(f"could not load checkpoint {resume_from} ({e.__class__.__name__}: {first_line(e)})") from e
-        state = read_state(resume_from)
         run.step, run.bad_steps = state["step"], state.get("bad_steps", 0)
         run.clean_step = state.get("clean_step", run.step if run.bad_steps == 0 else None)
         if run.main:
@@ -289,6 +287,25 @@ def resume(run: Run, resume_from: Path | None) -> None:
         print("checkpoint.resume=auto: no complete checkpoint found, starting from step 0")
     init_tracking(recipe, acc, run.out)
     run.metrics = MetricsLog(run.out / "metrics.jsonl", acc, run.step)
+
+
+def verified_checkpoint(run: Run, resume_from: Path) -> Path | None:
+    """The checkpoint to resume from: checksums, state and step verified (an older one if need
+    be), by the main process alone (every file is read once), the answer shared with all."""
+    choice = None
+    if run.main:
+        explicit = None if run.recipe.checkpoint.resume == "auto" else resume_from
+        try:
+            ckpt, passed_over = usable_checkpoint(run.out / "checkpoints", explicit, run.max_steps)
+            choice = (str(ckpt) if ckpt else None, passed_over, None)
+        except CheckpointError as e:
+            choice = (None, [], str(e))
+    ckpt, passed_over, error = from_main_process(choice, run.accelerator)
+    if error is not None:
+        raise CheckpointError(error)
+    for line in passed_over if run.main else ():
+        print(f"checkpoint.resume: {line}")
+    return Path(ckpt) if ckpt else None
 
 
 def loss_on(run: Run, batch: dict, idx: torch.Tensor):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..deps import available, hint
+from ..dist import rank_zero
 from ..io.rundir import DiskError
 from ..recipe import Recipe
 
@@ -79,7 +80,7 @@ def make_accelerator(recipe: Recipe, out: Path):
 
     tr = recipe.tracking
     use_wandb = tr.wandb_project is not None and tr.mode != "disabled" and available("wandb")
-    if tr.wandb_project is not None and tr.mode != "disabled" and not use_wandb and int(os.environ.get("RANK", "0")) == 0:
+    if tr.wandb_project is not None and tr.mode != "disabled" and not use_wandb and rank_zero():
         print(f"qat: {hint('wandb', 'tracking.wandb_project')}; logging to metrics.jsonl only", file=sys.stderr)
     return Accelerator(
         mixed_precision=recipe.train.mixed_precision,
