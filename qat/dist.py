@@ -1,10 +1,12 @@
-"""Two helpers for code that runs on every process of a launch.
+"""Helpers for code that runs on every process of a launch.
 
 - ``rank_zero()``: whether this process is rank 0, from the launcher's environment (for messages
   printed before, or without, an Accelerator);
 - ``from_main_process(value, accelerator)``: the main process's ``value`` on every process, so
   that work decided by looking at the disk (which shards are missing, which checkpoint verifies) is
-  decided once, and the disk is read once.
+  decided once, and the disk is read once;
+- ``fsdp_on_cpu(accelerator)``: FSDP2 on CPU processes launched with an FSDP config, which
+  Accelerate otherwise runs as plain DDP.
 """
 
 from __future__ import annotations
@@ -23,3 +25,29 @@ def from_main_process(value, accelerator=None):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value if accelerator.is_main_process else None])[0]
+
+
+def fsdp_on_cpu(accelerator) -> bool:
+    """Honour an FSDP launch config on CPU processes; return whether it switched.
+
+    ``accelerate launch`` with ``distributed_type: FSDP`` exports ``ACCELERATE_USE_FSDP=true`` and
+    the ``FSDP_*`` settings, but Accelerate 1.x turns FSDP on only for accelerator devices: CPU
+    processes fall back to ``MULTI_CPU`` (DDP over gloo) without a word. This switches the
+    process-wide state to FSDP the way Accelerate does for a GPU launch (the same two state
+    fields, the plugin built from the same environment), so ``prepare``, ``save_state``,
+    ``get_state_dict`` and ``clip_grad_norm_`` then take Accelerate's own FSDP2 code. FSDP1 is
+    left alone (it needs a device). Call it right after the ``Accelerator`` is made, before
+    anything is prepared."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    wanted = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if not wanted or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return False
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        return False
+    state = AcceleratorState()
+    state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables the launcher set
+    state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() re-reads it
+    return True

@@ -258,11 +258,14 @@ def build_models(run: Run, init: bool) -> None:
     if run.teacher is not None:
         # sharded like the student under FSDP; elsewhere only placed (DDP refuses a model with
         # nothing to train, and a frozen teacher needs no gradient sync)
-        from accelerate.utils import DistributedType
+        from accelerate.utils import DistributedType, fsdp2_prepare_model
 
-        registered = len(acc._models)
-        run.teacher = acc.prepare_model(run.teacher, evaluation_mode=acc.distributed_type != DistributedType.FSDP)
-        del acc._models[registered:]  # a frozen teacher is not training state: checkpoints hold only what resume needs
+        if acc.is_fsdp2:  # Accelerate's FSDP2 `prepare` wants an optimizer; the teacher has none
+            run.teacher = fsdp2_prepare_model(acc, run.teacher.to(acc.device))
+        else:
+            registered = len(acc._models)
+            run.teacher = acc.prepare_model(run.teacher, evaluation_mode=acc.distributed_type != DistributedType.FSDP)
+            del acc._models[registered:]  # a frozen teacher is not training state: checkpoints hold only what resume needs
     run.trainable = [p for p in run.student.parameters() if p.requires_grad]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ..deps import available, hint
-from ..dist import rank_zero
+from ..dist import fsdp_on_cpu, rank_zero
 from ..io.rundir import DiskError
 from ..recipe import Recipe
 
@@ -82,9 +82,11 @@ def make_accelerator(recipe: Recipe, out: Path):
     use_wandb = tr.wandb_project is not None and tr.mode != "disabled" and available("wandb")
     if tr.wandb_project is not None and tr.mode != "disabled" and not use_wandb and rank_zero():
         print(f"qat: {hint('wandb', 'tracking.wandb_project')}; logging to metrics.jsonl only", file=sys.stderr)
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=recipe.train.mixed_precision,
         gradient_accumulation_steps=recipe.train.grad_accum,
         log_with="wandb" if use_wandb else None,
         project_dir=str(out),
     )
+    fsdp_on_cpu(accelerator)  # an FSDP launch config on CPU processes: FSDP2, not a silent DDP
+    return accelerator
