@@ -1,5 +1,8 @@
 """A failure on one rank ends every rank, in bounded time, with that rank's message: two gloo
-processes through `accelerate launch`, a disk error injected on rank 1 inside a checkpoint write."""
+processes through `accelerate launch`, an error injected on rank 1 inside a checkpoint write,
+inside the sampling of teacher-generated data, and inside the teacher's top-k cache (the other
+rank is then waiting at a barrier: only the failing rank's exit, which the launcher turns into the
+end of the whole group, can free it; a gloo collective would wait 30 minutes)."""
 
 from __future__ import annotations
 
@@ -9,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import PRETRAIN, SCRATCH_SMALL
+import pytest
+from conftest import PRETRAIN, SCRATCH_SMALL, needs_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = '''
@@ -41,3 +45,47 @@ def test_a_rank_that_fails_in_a_checkpoint_write_ends_the_run(tmp_path):
     assert "injected on rank 1" in out and "qat: training stopped: could not write checkpoint step-2" in out, out[-3000:]
     assert took < 200, took  # ended by the failure, not by a collective's timeout (30 minutes for gloo)
     assert not list((tmp_path / "run" / "checkpoints").glob("step-*"))
+
+
+FAIL_IN = '''
+import importlib, os, sys
+module, name = sys.argv.pop(1).rsplit(":", 1)
+mod = importlib.import_module(module)
+real = getattr(mod, name)
+def failing(*a, **k):
+    if int(os.environ.get("RANK", "0")) == 1:
+        raise RuntimeError(f"{name} failed (injected on rank 1)")
+    return real(*a, **k)
+setattr(mod, name, failing)
+from qat.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+TINY = str(REPO / "recipes/tiny/w4-ovfreeze.yaml")
+
+
+@needs_tiny
+@pytest.mark.parametrize(
+    "target, overrides",
+    [
+        ("qat.data.generate:sample_batch", ["data.source=teacher-generated", "data.files=null", "data.valid_files=null",
+                                            "data.generate.count=16", "data.generate.length=24", "data.generate.batch_size=4", "data.seq_len=16"]),
+        ("qat.distill.teacher_cache:teacher_topk", ["data.max_train_tokens=8192", "data.valid_files=null",
+                                                    "distill.teacher_cache={top_k: 8, shard_blocks: 4, batch_size: 4}"]),
+    ],
+    ids=["teacher-generated data", "teacher cache"],
+)
+def test_a_rank_that_fails_while_the_teacher_works_ends_the_run(tmp_path, target, overrides):
+    driver = tmp_path / "driver.py"
+    driver.write_text(FAIL_IN)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/cpu-2proc.yaml"),
+           str(driver), target, "train", TINY, f"output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+           *overrides, "train.max_steps=2", "train.micro_batch_size=2"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    took = time.perf_counter() - t0
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "failed (injected on rank 1)" in out, out[-3000:]
+    assert took < 200, took  # ended by the failure, not by a collective's timeout
+    assert not (tmp_path / "run" / "final").exists()
