@@ -1,6 +1,7 @@
 """FSDP2 (``torch.distributed.fsdp.fully_shard``) on a CPU gloo mesh with qat's fake-quant layers.
 
-Accelerate never uses FSDP on a CPU (it falls back to DDP), so this drives torch's FSDP2 directly,
+(`tests/test_fsdp_train.py` runs `qat train` itself sharded through `accelerate launch`; this file
+checks the sharding of the layers in detail.) This drives torch's FSDP2 directly,
 the way Accelerate 1.15's ``fsdp_version: 2`` wraps a model (``fsdp2_prepare_model``): every decoder
 layer, the embedding, ``[final norm, lm_head]`` and then the root are ``fully_shard``-ed, student
 and teacher alike. Two processes train a tiny Llama wrapped by
