@@ -18,6 +18,7 @@ the teacher for every method and bit width on one axis). ``--append`` adds the t
 
     python benchmarks/quality.py --scale tiny --levers --lever-bits W2g64      # CPU (~45 min, 1 core)
     python benchmarks/quality.py --scale small --bits W3g128                   # GPU (benchmarks/gpu_quality.sh)
+    python benchmarks/quality.py --scale small-cpu                             # llama-small on a 2-core CPU
     python benchmarks/quality.py --merge a/report.json b/report.json --out DIR # one report from parts
     python benchmarks/quality.py --scale tiny --smoke                          # every step, seconds each
 
@@ -76,8 +77,18 @@ SMOKE = [  # every step of the study in seconds (CPU): tiny budgets, not a measu
 ]
 
 
+# llama-small on a CPU budget: 60 steps x 8 x 512 = 245,760 training tokens for every method (QAT,
+# and the calibration of RTN / GPTQ / AWQ / QERA), fp32 (bf16 matmuls are slow on a CPU), the first
+# 65,536 validation tokens
+SMALL_CPU = [
+    "train.max_steps=60", "train.micro_batch_size=8", "train.warmup_steps=6", "train.mixed_precision=no", "teacher.dtype=float32",
+    "data.max_valid_tokens=65536", "eval.batch_size=8", "eval.every=0", "ptq.batch_size=8",
+]
+SCALES = {"tiny": ("tiny", []), "small": ("small", []), "small-cpu": ("small", SMALL_CPU)}  # --scale: recipes, overrides
+
+
 def recipe_file(scale: str, label: str) -> str:
-    return f"recipes/{scale}/quality/{label.lower()}.yaml"
+    return f"recipes/{SCALES[scale][0]}/quality/{label.lower()}.yaml"
 
 
 def budget(recipe) -> int:
@@ -94,6 +105,7 @@ def run_bits(
     from qat.recipe import load_recipe
 
     f = recipe_file(scale, label)
+    overrides = SCALES[scale][1] + overrides
     base = load_recipe(f, overrides + [f"output_dir={root}/{label}/base", f"ptq.methods=[{','.join(ptq)}]"])
     tokens = budget(base)
     if scale == "small" and tokens > BUDGET_CAP:
@@ -192,7 +204,7 @@ def device_name() -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--scale", choices=["tiny", "small"], default="tiny")
+    ap.add_argument("--scale", choices=list(SCALES), default="tiny")
     ap.add_argument("--bits", nargs="+", default=list(BITS), choices=BITS)
     ap.add_argument("--levers", action="store_true", help="also the lever sweep (one lever at a time on top of KD)")
     ap.add_argument("--lever-bits", nargs="+", default=None, choices=BITS, help="bit widths of the sweep (default: --bits)")

@@ -102,6 +102,7 @@ class QuantSection(_Section):
     symmetric: bool = True
     scale_init: Literal["minmax", "mse"] = "minmax"
     learnable: bool = False
+    lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")
     act_bits: Literal[8] | None = None
     kernel: Literal["auto", "eager", "compile"] = Field(
         "auto", description="fake-quant implementation: auto = compiled (fused) on CUDA, eager elsewhere; same values bit for bit"
@@ -126,7 +127,7 @@ class QuantSection(_Section):
         return v
 
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.symmetric, self.scale_init, self.learnable, self.act_bits)
+        return QuantScheme(self.bits, self.group_size, self.symmetric, self.scale_init, self.learnable, self.act_bits, self.lsq_grad_scale)
 
     def layer_schemes(self) -> list[tuple[str, QuantScheme]]:
         base = self.scheme()
@@ -143,6 +144,7 @@ class QuantSection(_Section):
                         base.scale_init,
                         base.learnable,
                         base.act_bits,
+                        base.lsq_grad_scale,
                     ),
                 )
             )
@@ -178,7 +180,7 @@ class TeacherCacheSection(_Section):
 
 
 class DistillSection(_Section):
-    loss: Literal["forward_kl", "reverse_kl", "jsd"] = "forward_kl"
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "cakld"] = "forward_kl"
     temperature: float = Field(1.0, gt=0)
     kd_weight: float = Field(1.0, ge=0)
     ce_weight: float = Field(0.0, ge=0)
@@ -399,8 +401,8 @@ class Recipe(_Section):
             raise ValueError("distill: kd_weight and ce_weight are both 0")
         if self.teacher is None and self.distill.teacher_cache is not None:
             raise ValueError("distill.teacher_cache: needs a teacher (teacher is null)")
-        if self.distill.teacher_cache is not None and self.distill.loss == "reverse_kl":
-            raise ValueError("distill.loss: reverse_kl is infinite against a top-k teacher (zero outside its k ids); use forward_kl or jsd with distill.teacher_cache")
+        if self.distill.teacher_cache is not None and self.distill.loss in ("reverse_kl", "cakld"):
+            raise ValueError(f"distill.loss: {self.distill.loss} is infinite against a top-k teacher (zero outside its k ids); use forward_kl or jsd with distill.teacher_cache")
         if self.peft is not None and self.quant is None:
             raise ValueError("peft: LoRA-QAT needs a quant section (quant is null)")
         if not self.freeze.scales and (self.quant is None or not self.quant.learnable):

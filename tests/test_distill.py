@@ -36,7 +36,7 @@ def loss_and_grad(s, teacher, labels, scale=1.0, **kw):
     return total.detach(), None if kd is None else kd.detach(), ce.detach(), s.grad
 
 
-@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("loss", ["forward_kl", "reverse_kl", "jsd", "cakld"])
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
 @pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
 def test_chunked_equals_naive_fp32(loss, temperature, chunk):
@@ -63,6 +63,23 @@ def test_chunked_equals_naive_bf16(loss):
     assert chunked[3].dtype == torch.bfloat16
     # one bf16 rounding of the same float32 gradient each, plus one of the 1/n scaling here
     torch.testing.assert_close(chunked[3].float(), naive[3].float(), rtol=2**-7, atol=naive[3].float().abs().max().item() * 2**-8)
+
+
+def test_cakld_mixes_reverse_and_forward_kl_by_teacher_confidence():
+    """Per token: c * RKL + (1 - c) * FKL with c the teacher's top probability; a confident
+    teacher (c -> 1) gives the reverse KL, a flat one mostly the forward KL."""
+    from qat.distill.losses import kd_token_loss
+
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(6, 50, generator=g, dtype=torch.float64)
+    t = torch.randn(6, 50, generator=g, dtype=torch.float64) * torch.tensor([0.1, 1, 3, 10, 30, 100.0], dtype=torch.float64)[:, None]
+    c = torch.softmax(t, -1).amax(-1)
+    rkl, fkl = kd_token_loss(s, t, "reverse_kl"), kd_token_loss(s, t, "forward_kl")
+    ca = kd_token_loss(s, t, "cakld")
+    assert torch.allclose(ca, (c * rkl + (1 - c) * fkl).float(), rtol=1e-6)
+    assert c[0] < 0.1 and c[-1] > 0.99  # the rows span flat to confident teachers
+    assert ca[-1].item() == pytest.approx(rkl[-1].item(), rel=1e-2)
+    assert abs(ca[0] - fkl[0]) < abs(ca[0] - rkl[0])
 
 
 def test_chunked_ce_only_and_scaled_backward():

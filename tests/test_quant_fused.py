@@ -151,8 +151,9 @@ def test_fused_keeps_only_a_mask_for_backward():
     assert _saved_bytes(layer, "compile") == n
     lsq = _layer(SCHEMES["w4g32sym_lsq"], "fp32")
     scale_bytes = lsq.weight_scale.numel() * 4
-    # mask + the rounded/clamped zero-point (and clamp's own input): no weight-sized float copy
-    assert _saved_bytes(lsq, "compile") == n + 2 * scale_bytes
+    # mask + the rounded/clamped zero-point (and clamp's own input) + the input of the scale's
+    # positivity clamp: scale-sized tensors only, no weight-sized float copy
+    assert _saved_bytes(lsq, "compile") == n + 3 * scale_bytes
     assert _saved_bytes(lsq, "eager") >= n + 2 * 4 * n  # mask + v + q
 
 

@@ -224,7 +224,7 @@ def test_ste_gradient_is_in_range_mask_times_upstream(bits, symmetric, group_siz
 
     qmin, qmax = qrange(bits, symmetric)
     v = group_view(w0, group_size) / scale.unsqueeze(-1) + zero.unsqueeze(-1)
-    mask = ((v >= qmin) & (v <= qmax)).reshape(w0.shape)
+    mask = ((torch.round(v) >= qmin) & (torch.round(v) <= qmax)).reshape(w0.shape)  # the clamp is idle
     assert mask.any() and (~mask).any(), "both branches must be exercised"
     assert torch.equal(w.grad, gy * mask)
     assert (w.grad[~mask] == 0).all()
@@ -237,10 +237,65 @@ def test_ste_without_qparam_grads_and_with_fixed_small_scale():
     w = w0.clone().requires_grad_(True)
     y = fake_quantize_ste(w, scale, zero, 4, True, None)
     y.sum().backward()
-    expected = ((w0 / 0.01 >= -8) & (w0 / 0.01 <= 7)).float()
+    expected = ((torch.round(w0 / 0.01) >= -8) & (torch.round(w0 / 0.01) <= 7)).float()
     assert 0 < expected.sum() < expected.numel()
     assert torch.equal(w.grad, expected)
     assert scale.grad is None and zero.grad is None
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ste_passes_weights_that_round_into_range(bits, symmetric):
+    """``v`` just above ``qmax`` (or just below ``qmin``) rounds to a valid code: the weight is not
+    clipped (its code is its own rounding), so it gets the gradient; past the half-step it does not."""
+    qmin, qmax = qrange(bits, symmetric)
+    z = 0.0 if symmetric else float(2 ** (bits - 1))  # a mid-range zero-point (unsigned codes)
+    v = torch.tensor([qmin - 0.7, qmin - 0.4, qmin + 0.2, qmax - 0.2, qmax + 0.3, qmax + 0.7])
+    scale, zero = torch.tensor([[0.5]]), torch.tensor([[z]])
+    w = ((v - z) * 0.5).reshape(1, -1).requires_grad_(True)
+    y = fake_quantize_ste(w, scale, zero, bits, symmetric, None)
+    y.sum().backward()
+    assert w.grad.flatten().tolist() == [0.0, 1.0, 1.0, 1.0, 1.0, 0.0]
+    codes = quantize(w.detach(), scale, zero, bits, symmetric, None).flatten()
+    assert codes[1].item() == qmin and codes[4].item() == qmax  # the passed edge weights sit on the end codes
+
+
+def test_absmax_int4_clips_only_the_group_extreme():
+    """Symmetric absmax scale (absmax / 7.5): only weights at ``v = +7.5`` (the group's positive
+    maximum, which rounds to 8) are clipped; the whole (7, 7.5) band keeps its gradient."""
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(64, 256, generator=g)
+    scale, zero = minmax_qparams(w0, 4, 128, True)
+    w = w0.clone().requires_grad_(True)
+    fake_quantize_ste(w, scale, zero, 4, True, 128).sum().backward()
+    v = group_view(w0, 128) / scale.unsqueeze(-1)
+    clipped = (w.grad == 0).reshape(v.shape)
+    assert torch.equal(clipped, torch.round(v) > 7)
+    assert clipped.sum(-1).max() <= 1  # at most the positive extreme of each group
+    assert ((v > 7) & (v < 7.5)).any() and not clipped[(v > 7) & (v < 7.5)].any()
+
+
+def test_scale_grad_keeps_values_and_scales_the_gradient():
+    from qat.quant.grid import lsq_grad_factor, scale_grad
+
+    x = torch.randn(3, 4, requires_grad=True)
+    y = scale_grad(x, 0.25)
+    assert torch.equal(y, x)
+    (y * 2).sum().backward()
+    assert torch.equal(x.grad, torch.full_like(x, 0.5))
+    assert lsq_grad_factor(128, 4, True) == pytest.approx(1 / (128 * 7) ** 0.5)
+    assert lsq_grad_factor(64, 2, False) == pytest.approx(1 / (64 * 3) ** 0.5)
+
+
+def test_positive_floors_scales_at_eps():
+    from qat.quant.grid import positive
+
+    s = torch.tensor([0.5, 1e-9, -0.1], requires_grad=True)
+    p = positive(s)
+    eps = torch.finfo(torch.float32).eps
+    assert p.tolist() == [0.5, eps, eps]
+    p.sum().backward()
+    assert s.grad.tolist() == [1.0, 0.0, 0.0]
 
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +315,7 @@ def _frozen_pieces(w, scale, zero, bits, symmetric, group_size):
     qmin, qmax = qrange(bits, symmetric)
     v0 = group_view(w, group_size) / scale.unsqueeze(-1) + zero.unsqueeze(-1)
     r = torch.round(v0) - v0
-    in_range = (v0 >= qmin) & (v0 <= qmax)
+    in_range = (torch.round(v0) >= qmin) & (torch.round(v0) <= qmax)
     qbound = torch.round(v0).clamp(qmin, qmax)
     return r, in_range, qbound
 

@@ -15,10 +15,15 @@ are the log-softmax of its logits / T over the *full* vocabulary, gathered at th
 - ``jsd``: the Jensen-Shannon divergence of the two full-vocabulary distributions (the teacher's
   zero outside the k ids): over the k ids as in ``kd_token_loss``, plus the student's mass outside
   them times 0.5 log 2 (there the mixture is half the student's probability);
-- ``reverse_kl`` is infinite for a teacher with zeros (the student has mass everywhere) and is
+- ``reverse_kl`` (and ``cakld``, which mixes it in) is infinite for a teacher with zeros (the student has mass everywhere) and is
   refused.
 
 With k = V both equal the full-logit losses. All are scaled by T^2.
+
+``cakld`` (full logits only) is BitDistiller's confidence-aware KL (Du et al., 2024) per token:
+``c * KL(student || teacher) + (1 - c) * KL(teacher || student)`` with ``c`` the teacher's largest
+probability at that token (BitDistiller uses one ``c``, the teacher's mean confidence over the
+data): mode-seeking where the teacher is sure, mode-covering where it is not.
 
 ``distill_loss`` is what training calls: KD and CE together, naive (``chunk_tokens=None``: every
 ``[n, V]`` float32 tensor at once, as ``kd_loss`` / ``ce_loss`` do) or chunked over tokens
@@ -37,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-KD_LOSSES = ("forward_kl", "reverse_kl", "jsd")
+KD_LOSSES = ("forward_kl", "reverse_kl", "jsd", "cakld")
 TOPK_LOSSES = ("forward_kl", "jsd")
 
 
@@ -71,6 +76,10 @@ def kd_token_loss(student: Tensor, teacher: Tensor, loss: str = "forward_kl", te
         d = (t.exp() * (t - s)).sum(-1)
     elif loss == "reverse_kl":  # KL(student || teacher): mode-seeking
         d = (s.exp() * (s - t)).sum(-1)
+    elif loss == "cakld":  # confidence-aware: c * RKL + (1 - c) * FKL, c = the teacher's top probability
+        pt = t.exp()
+        c = pt.amax(-1)
+        d = c * (s.exp() * (s - t)).sum(-1) + (1 - c) * (pt * (t - s)).sum(-1)
     else:  # Jensen-Shannon with the mixture m = (p_t + p_s) / 2
         m = torch.logsumexp(torch.stack([s, t]), dim=0) - torch.log(torch.tensor(2.0, device=s.device))
         d = 0.5 * (t.exp() * (t - m)).sum(-1) + 0.5 * (s.exp() * (s - m)).sum(-1)

@@ -33,6 +33,9 @@ __all__ = [
     "lsq_qparam_grad_terms",
     "lsq_qparam_grads",
     "round_ste",
+    "scale_grad",
+    "lsq_grad_factor",
+    "positive",
     "fake_quantize_activation",
     "check_finite",
 ]
@@ -191,8 +194,12 @@ def fake_quantize(
 
 
 def _in_range(v: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Where ``v = w / s + z`` lies inside the code range: where the STE passes the gradient."""
-    return (v >= qmin) & (v <= qmax)
+    """Where the clamp is idle: ``round(v)`` (``v = w / s + z``) is a valid code, so the weight's
+    code is its own rounding and the STE passes the gradient. A weight with ``v`` in
+    ``(qmax, qmax + 0.5)`` rounds to ``qmax``: it is not clipped, and gets its gradient (a test of
+    ``v <= qmax`` would drop it: 0.6 % of llama-small's weights at W4, 4.7 % at W2)."""
+    r = torch.round(v)
+    return (r >= qmin) & (r <= qmax)
 
 
 def _lsq_scale_term(gyg: Tensor, in_range: Tensor, v: Tensor, q: Tensor, z: Tensor) -> Tensor:
@@ -284,6 +291,37 @@ def lsq_qparam_grads(
     ``_FakeQuantSTE``)."""
     ts, tz = lsq_qparam_grad_terms(gy, w, scale, zero, bits, symmetric, group_size)
     return ts.sum(-1).to(scale.dtype), tz.sum(-1).to(zero.dtype)
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor: float):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * ctx.factor, None
+
+
+def scale_grad(x: Tensor, factor: float) -> Tensor:
+    """``x`` unchanged (bit for bit) whose gradient is multiplied by ``factor``."""
+    return _ScaleGrad.apply(x, factor)
+
+
+def lsq_grad_factor(group_size: int, bits: int, symmetric: bool) -> float:
+    """LSQ's gradient scale for a step size shared by ``group_size`` weights: ``1 / sqrt(N * Qp)``
+    (Esser et al., 2020), ``Qp`` the largest positive code (``2^(b-1) - 1`` symmetric, ``2^b - 1``
+    asymmetric). It balances the step size's update against the weights' under SGD; with Adam it
+    mainly changes how much the scales weigh in the global gradient norm that clipping reads."""
+    _, qmax = qrange(bits, symmetric)
+    return 1.0 / (group_size * qmax) ** 0.5
+
+
+def positive(scale: Tensor) -> Tensor:
+    """A learnable scale kept positive: ``max(scale, eps)`` (no gradient below the floor). A scale
+    that an optimizer pushes through zero would flip its group's grid."""
+    return scale.clamp(min=_eps(scale.dtype))
 
 
 def round_ste(x: Tensor) -> Tensor:

@@ -42,10 +42,13 @@ from .grid import (
     fake_quantize,
     fake_quantize_activation,
     fake_quantize_ste,
+    lsq_grad_factor,
     minmax_qparams,
     mse_clip_ratio,
+    positive,
     quantize,
     round_ste,
+    scale_grad,
 )
 from .scheme import QuantScheme
 
@@ -110,8 +113,10 @@ class QATLinear(nn.Linear):
         if self.fixed:
             return self.weight_scale, self.weight_zero_point
         if s.learnable:
-            qmin, qmax = s.qmin, s.qmax
-            return self.weight_scale, round_ste(self.weight_zero_point).clamp(qmin, qmax)
+            scale = positive(self.weight_scale)
+            if s.lsq_grad_scale:
+                scale = scale_grad(scale, lsq_grad_factor(s.group_size or self.in_features, s.bits, s.symmetric))
+            return scale, round_ste(self.weight_zero_point).clamp(s.qmin, s.qmax)
         w = self.weight.detach()
         if w.dtype in (torch.float16, torch.bfloat16):
             w = w.float()  # the grid is computed in at least fp32

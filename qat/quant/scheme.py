@@ -32,6 +32,7 @@ class QuantScheme:
     scale_init: Literal["minmax", "mse"] = "minmax"
     learnable: bool = False
     act_bits: int | None = None
+    lsq_grad_scale: bool = False  # learnable scales: LSQ's gradient scale 1 / sqrt(N * Qp)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
