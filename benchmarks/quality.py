@@ -98,7 +98,7 @@ def budget(recipe) -> int:
 
 def run_bits(
     scale: str, label: str, overrides: list[str], root: Path, with_levers: bool, rerun: bool, only: list[str] | None,
-    ptq: list[str], levers_only: bool = False,
+    ptq: list[str], levers_only: bool = False, naive: bool = False, seeds: list[int] | None = None,
 ) -> dict:
     """Every row at one bit width: ``compare_recipe`` parts merged, QAT rows named by variant."""
     from qat.compare import compare_recipe
@@ -131,6 +131,27 @@ def run_bits(
                 row["method"], row["overrides"] = name, extra
                 merged["rows"].append(row)
         merged["layer_errors"][name] = part["layer_errors"]["qat"]
+    for seed in seeds or []:  # the spread of the deciding rows: the default recipe again on other seeds
+        r = load_recipe(f, overrides + [f"output_dir={root}/{label}/qat-kd-seed{seed}", "ptq.methods=[]", f"train.seed={seed}"])
+        print(f"-- {label} qat-kd, seed {seed}", flush=True)
+        part = compare_recipe(r, rerun=rerun, with_qat=True)
+        for row in part["rows"]:
+            if row["method"] == "qat":
+                row["method"], row["overrides"] = f"qat-kd seed {seed}", [f"train.seed={seed}"]
+                merged["rows"].append(row)
+        merged["layer_errors"][f"qat-kd seed {seed}"] = part["layer_errors"]["qat"]
+    if naive:  # benchmarks/naive_qat.py on the same recipe, data and budget
+        from naive_qat import run as naive_run
+
+        print(f"-- {label} naive floor", flush=True)
+        nv = naive_run(f, root / label / "naive", overrides)
+        fp = next(r for r in merged["rows"] if r["method"].startswith("fp"))
+        merged["rows"].append({
+            "recipe": label, "method": "naive floor", "bits": base.quant.bits, "group_size": base.quant.group_size,
+            "bits_per_weight": None, "ppl": nv["ppl"], "ppl_ratio": nv["ppl"] / fp["ppl"], "kl_to_teacher": nv["kl_to_teacher"],
+            "mean_layer_error": None, "data_tokens": nv["train_tokens"], "wall_time_s": nv["wall_time_s"], "quant_time_s": None,
+            "eval_tokens": nv["eval_tokens"], "run_dir": str(root / label / "naive"), "reused": False,
+        })
     return merged
 
 
@@ -211,6 +232,8 @@ def main() -> int:
     ap.add_argument("--levers-only", action="store_true", help="with --levers: the sweep without the main QAT rows")
     ap.add_argument("--ptq", nargs="+", default=PTQ, choices=PTQ, help="PTQ baselines (gptq is what 'init from gptq' starts from)")
     ap.add_argument("--only", nargs="+", default=None, help="QAT variants whose name contains one of these (the PTQ rows always run)")
+    ap.add_argument("--naive", action="store_true", help="also the naive floor (benchmarks/naive_qat.py) at every bit width")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="the QAT + KD row again with these train.seed values (the spread)")
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: checks every step runs, measures nothing")
     ap.add_argument("--runs-root", default=None, help="default runs/quality-<scale>[-smoke]")
     ap.add_argument("--out", default=None, help="report directory (default <runs-root>/report)")
@@ -235,7 +258,7 @@ def main() -> int:
         parts = []
         for label in args.bits:
             sweep = args.levers and (args.lever_bits is None or label in args.lever_bits)
-            parts.append(run_bits(args.scale, label, overrides, root, sweep, args.rerun, args.only, args.ptq, args.levers_only))
+            parts.append(run_bits(args.scale, label, overrides, root, sweep, args.rerun, args.only, args.ptq, args.levers_only, args.naive, args.seeds))
         report = {
             "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
             "device": device_name(),

@@ -225,6 +225,28 @@ def test_analyze_outputs_shapes_monotone_in_bits_and_a_valid_freeze_snippet(tmp_
         assert (tmp_path / "s.png").stat().st_size > 1000
 
 
+def test_cut_margin_is_a_paired_difference_over_depths():
+    from qat.analyze.sensitivity import cut_margin, freeze_snippet
+
+    def result(a_vals, b_vals):
+        layers = [{"type": "o_proj", "depth": d, "grad_ratio_all": v} for d, v in enumerate(a_vals)]
+        layers += [{"type": "v_proj", "depth": d, "grad_ratio_all": v} for d, v in enumerate(b_vals)]
+        types = {t: {"grad_ratio_all_mean": 1.0, "delta_nll": 0.0} for t in ("o_proj", "v_proj")}
+        return {"ranking": ["o_proj", "v_proj"], "rank_by": "grad_ratio_all", "layers": layers, "types": types}
+
+    # 1.001 vs 0.991 on average, but depth by depth the order flips: not settled
+    noisy = result([1.05, 0.95, 1.06, 0.944], [0.94, 1.04, 0.95, 1.034])
+    m = cut_margin(noisy, 1)
+    assert m["diff"] == pytest.approx(0.01) and m["depths"] == 4 and not m["settled"]
+    assert "WITHIN NOISE" in freeze_snippet(noisy, 1)
+    # a consistent gap at every depth: settled
+    clear = result([1.10, 1.12, 1.11, 1.13], [1.00, 1.01, 1.02, 1.00])
+    m = cut_margin(clear, 1)
+    assert m["settled"] and m["diff"] == pytest.approx(0.1075)
+    assert "a clear margin" in freeze_snippet(clear, 1)
+    assert cut_margin(clear, 2) is None  # no type after the cut
+
+
 def test_allocation_recipe_overrides_validate_and_apply():
     from qat.analyze.report import allocation_recipe
 

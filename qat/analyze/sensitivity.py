@@ -167,8 +167,30 @@ def freeze_patterns(ranking: list[str], top: int) -> list[str]:
     return [rf"\.{t}$" for t in ranking[:top]]
 
 
+def cut_margin(result: dict, top: int) -> dict | None:
+    """How sure the cut between the ``top``-th and the next type of the ranking is: the per-layer
+    values of the ranking quantity of the two types, paired by depth (same depth, same inputs),
+    their mean difference and its standard error over the depths. ``settled`` is False when the
+    difference is within 2 standard errors (or there are fewer than 2 depths): the data does
+    not say which of the two is more fragile. None when there is no next type or no per-layer value
+    (``delta_nll`` is a type-level quantity)."""
+    ranking, key = result["ranking"], result["rank_by"]
+    per_layer = key if key != "delta_nll" else None
+    if top <= 0 or top >= len(ranking) or per_layer is None:
+        return None
+    a, b = ranking[top - 1], ranking[top]
+    va = {r["depth"]: r[per_layer] for r in result["layers"] if r["type"] == a}
+    vb = {r["depth"]: r[per_layer] for r in result["layers"] if r["type"] == b}
+    diffs = [va[d] - vb[d] for d in sorted(va.keys() & vb.keys())]
+    n = len(diffs)
+    mean = sum(diffs) / n if n else float("nan")
+    se = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (n - 1) / n) if n > 1 else float("inf")
+    return {"last_in": a, "first_out": b, "diff": mean, "stderr": se, "depths": n, "settled": n > 1 and abs(mean) > 2 * se}
+
+
 def freeze_snippet(result: dict, top: int) -> str:
-    """A ``freeze:`` section (YAML) freezing the ``top`` most fragile types, with the ranking as comments."""
+    """A ``freeze:`` section (YAML) freezing the ``top`` most fragile types, with the ranking and
+    the margin of the cut (``cut_margin``) as comments."""
     import yaml
 
     types, key = result["types"], result["rank_by"]
@@ -176,6 +198,16 @@ def freeze_snippet(result: dict, top: int) -> str:
     for i, t in enumerate(result["ranking"], 1):
         s = types[t]
         lines.append(f"#   {i}. {t}: {s[RANK_KEYS[key]]:.4g} (validation NLL +{s['delta_nll']:.4f} when only {t} is quantized)")
+    m = cut_margin(result, top)
+    if m is not None:
+        verdict = (
+            "a clear margin" if m["settled"]
+            else "WITHIN NOISE: this data does not say which of the two is more fragile; check with QAT runs (freeze one, then the other)"
+        )
+        lines.append(
+            f"# margin of the cut, {m['last_in']} (frozen) over {m['first_out']} (not): {m['diff']:+.4g} "
+            f"± {m['stderr']:.2g} (paired by depth, {m['depths']} depths, 1 standard error): {verdict}"
+        )
     section = {"freeze": {"policy": "custom", "patterns": freeze_patterns(result["ranking"], top)}}
     return "\n".join(lines) + "\n" + yaml.safe_dump(section, sort_keys=False, default_flow_style=None)
 
