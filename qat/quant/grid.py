@@ -219,7 +219,7 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     With ``v = w / s + z`` and ``q = clamp(round(v), qmin, qmax)``, ``y = (q - z) * s``:
 
-    - ``dy/dw = 1`` where ``qmin <= v <= qmax`` (in range), else 0 (clipped);
+    - ``dy/dw = 1`` where ``qmin <= round(v) <= qmax`` (in range: the clamp is idle), else 0 (clipped);
     - ``dy/ds = q - v`` in range (LSQ: round treated as identity in the derivative), ``q - z`` clipped;
     - ``dy/dz = 0`` in range, ``-s`` clipped.
 
