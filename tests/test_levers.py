@@ -178,6 +178,30 @@ def test_init_from_gptq_starts_at_the_gptq_model(tmp_path):
                 torch.testing.assert_close(got[f"{n}.weight"], ref[f"{n}.weight"], rtol=1e-6, atol=1e-7)
             torch.testing.assert_close(qp[f"{n}.weight_scale"], ref_qp[f"{n}.weight_scale"], rtol=1e-6, atol=0)
         assert any(not torch.equal(got[f"{n}.weight"], rtn[f"{n}.weight"]) for n in layers)
+    # the latent start: GPTQ's pre-rounding weights, which round to its codes but sit inside their bins
+    from transformers import AutoModelForCausalLM
+
+    from conftest import require_tiny
+
+    from qat.policy.init_from import load_quantized_start
+    from qat.quant.grid import group_view, quantize
+
+    latent = load_file(str(ptq / "final" / "qat_latent.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(require_tiny(), dtype=torch.float32)
+    quantize_model(model, QuantScheme(bits=4, group_size=64))
+    assert "latent weights of 28 layers" in load_quantized_start(model, ptq)
+    dist, kept = [], []
+    for n in layers:
+        w = model.get_submodule(n).weight.detach()
+        s, z = ref_qp[f"{n}.weight_scale"].float(), ref_qp[f"{n}.weight_zero_point"].float()
+        # the stored model's codes exactly (on the stored bf16 scales), from the pre-rounding weights
+        # wherever those round the same on them, else from the on-grid weight
+        assert torch.equal(quantize(w, s, z, 4, True, 64), quantize(ref[f"{n}.weight"].float(), s, z, 4, True, 64)), n
+        kept.append((w == latent[f"{n}.weight"]).float().mean())
+        v = group_view(w, 64) / s.unsqueeze(-1)
+        dist.append((0.5 - (v - v.round()).abs()).mean())
+    assert torch.stack(kept).mean() > 0.95
+    assert 0.2 < torch.stack(dist).mean() < 0.3  # ~0.25 of a step from a flip, like any weight; 0.5 on the grid
     # a run at another bit width is refused, naming the key
     assert main(["train", TINY, f"output_dir={tmp_path}/w3", *FAST, "train.max_steps=0", "quant.bits=3", f"quant.init_from={ptq}"]) == 2
     assert not (tmp_path / "w3").exists()

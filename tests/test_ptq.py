@@ -88,6 +88,13 @@ def test_gptq_matches_slow_reference(group, block, act_order):
     # the result is on the returned qparams' grid, groups contiguous
     assert torch.equal(fake_quantize(q, scale, zero, 3, scheme.symmetric, group), q)
     assert torch.all(q[:, 5] == 0)
+    # the pre-rounding (error-compensated) weights round to exactly these codes, and lie off the grid points
+    q2, _, _, _, latent = gptq_quantize(w, h, scheme, damp=0.01, block_size=block, act_order=act_order, latent=True)
+    assert torch.equal(q2, q)
+    assert torch.equal(fake_quantize(latent, scale, zero, 3, scheme.symmetric, group), q)
+    live = torch.ones(128, dtype=torch.bool)
+    live[5] = False
+    assert (latent[:, live] - q[:, live]).abs().mean() > 0.1 * scale.mean()
 
 
 # -- local errors on real activations of the fixture ----------------------------------------

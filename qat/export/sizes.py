@@ -6,7 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from ..io.final import QPARAMS_FILE
+from ..io.final import LATENT_FILE, QPARAMS_FILE
+
+SIDECARS = (QPARAMS_FILE, LATENT_FILE)  # qat's own files beside the model weights, not part of its size
 
 
 def dir_bytes(path: Path) -> int:
@@ -17,7 +19,7 @@ def _headers(path: Path) -> dict[str, dict]:
     """name -> safetensors header entry (dtype, shape, data_offsets) over the model's files."""
     out = {}
     for f in sorted(path.glob("*.safetensors")):
-        if f.name == QPARAMS_FILE:
+        if f.name in SIDECARS:
             continue
         with open(f, "rb") as h:
             n = int.from_bytes(h.read(8), "little")
@@ -27,8 +29,9 @@ def _headers(path: Path) -> dict[str, dict]:
 
 
 def weights_bytes(path: Path) -> int:
-    """Bytes of the model's safetensors files (headers included; adapter/ and qat_qparams excluded)."""
-    return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.name != QPARAMS_FILE)
+    """Bytes of the model's safetensors files (headers included; adapter/, qat_qparams and
+    qat_latent excluded)."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.name not in SIDECARS)
 
 
 def bf16_bytes(final_dir: Path) -> int:

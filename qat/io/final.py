@@ -36,6 +36,7 @@ QUANT_FILE = "qat_quant.json"
 QPARAMS_FILE = "qat_qparams.safetensors"
 ADAPTER_DIR = "adapter"  # a PEFT adapter beside the on-grid base (LoRA-QAT, QERA)
 SCALES_FILE = "qat_scales.safetensors"  # per-channel factors PTQ folded into layers (AWQ)
+LATENT_FILE = "qat_latent.safetensors"  # GPTQ's pre-rounding weights: where quant.init_from starts QAT
 
 
 def final_dtype(recipe, config) -> str:

@@ -10,6 +10,15 @@ exactly on the run's grid (no adapter, no folded factors: RTN, GPTQ, QAT), the r
 model: learnable scales take them as they are; dynamic ones get the per-group clip ratio that makes
 min-max give that scale (exact for symmetric schemes; asymmetric zero-points are recomputed).
 Otherwise the qparams are initialised from the loaded weights by ``quant.scale_init``.
+
+On-grid weights sit at grid points, the farthest a weight can be from a rounding flip (half a
+scale step); over a short run Adam moves a weight far less than that (``benchmarks/init_from_study.py``:
+W2g64 on llama-tiny, the sum of the learning rates is 0.07 of a scale), so QAT from a GPTQ run's
+on-grid weights changed no code at all. A GPTQ run therefore also writes ``qat_latent.safetensors``:
+each column as GPTQ had it just before rounding (error feedback included). Rounded on the run's
+qparams these give exactly its codes, so step 0 is still the GPTQ model, but they lie anywhere
+inside their rounding bins, as trained weights do; when present they are the latent start
+(dynamic and learnable qparams; a fixed layer keeps the on-grid weight).
 """
 
 from __future__ import annotations
@@ -17,11 +26,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
-from ..io.final import QUANT_FILE, SCALES_FILE, FinalError, effective_weights, has_adapter, load_quant_layers, read_qparams
+from ..io.final import LATENT_FILE, QUANT_FILE, SCALES_FILE, FinalError, effective_weights, has_adapter, load_quant_layers, read_qparams
 from ..quant.apply import qat_linears, reinit_qparams
-from ..quant.grid import minmax_qparams
+from ..quant.grid import minmax_qparams, quantize
 from ..recipe import RecipeError
 
 
@@ -65,10 +75,23 @@ def load_quantized_start(model: nn.Module, run: str | Path) -> str:
         reinit_qparams(model)
         return f"quant.init_from: {len(layers)} layers from {final} (weights with their low-rank/folded corrections; qparams re-initialised)"
     qp = read_qparams(final)
+    latent = load_file(str(final / LATENT_FILE)) if (final / LATENT_FILE).is_file() else {}
+    n_latent = kept = total = 0
     for name, layer in layers.items():
         scale = qp[f"{name}.weight_scale"].float().to(layer.weight.device)
         zero = qp[f"{name}.weight_zero_point"].float().to(layer.weight.device)
         s = layer.scheme
+        pre = latent.get(f"{name}.weight")
+        if pre is not None and not layer.fixed:  # GPTQ's pre-rounding weight: the same codes, off the grid points
+            pre = pre.float().to(layer.weight.device)
+            on_grid_w = layer.weight.detach().float().clone()  # .float() of an fp32 tensor is the tensor itself
+            # the qparams were stored in final/'s dtype: where that rounding moves a pre-rounding weight
+            # across a boundary, keep the on-grid weight, so step 0 is exactly the stored model
+            same = quantize(pre, scale, zero, s.bits, s.symmetric, s.group_size) == quantize(on_grid_w, scale, zero, s.bits, s.symmetric, s.group_size)
+            layer.weight.copy_(torch.where(same, pre, on_grid_w).to(layer.weight.dtype))
+            n_latent += 1
+            kept += same.sum().item()
+            total += same.numel()
         if layer.fixed:
             layer.set_qparams(scale.to(layer.weight_scale.dtype), zero.to(layer.weight_zero_point.dtype))
         elif s.learnable:
@@ -77,4 +100,19 @@ def load_quantized_start(model: nn.Module, run: str | Path) -> str:
         else:  # dynamic: the clip ratio that turns this weight's min-max scale into the run's scale
             base, _ = minmax_qparams(layer.weight.detach().float(), s.bits, s.group_size, s.symmetric)
             layer.clip_ratio.copy_(scale / base)
+            if pre is not None:  # min-max x ratio may differ from the scale by an ulp: a latent weight
+                # right at a boundary then rounds the other way; those few take their on-grid value
+                target = quantize(on_grid_w, scale, zero, s.bits, s.symmetric, s.group_size)
+                for _ in range(3):
+                    ds, dz = layer.qparams()
+                    off = quantize(layer.weight.detach().float(), ds.float(), dz.float(), s.bits, s.symmetric, s.group_size) != target
+                    if not off.any():
+                        break
+                    layer.weight.copy_(torch.where(off, on_grid_w, layer.weight.detach().float()).to(layer.weight.dtype))
+                    kept -= off.sum().item()
+                    base, _ = minmax_qparams(layer.weight.detach().float(), s.bits, s.group_size, s.symmetric)
+                    layer.clip_ratio.copy_(scale / base)
+    if n_latent:
+        return (f"quant.init_from: {len(layers)} layers from {final} (their codes and qparams; latent weights of {n_latent} layers "
+                f"from {LATENT_FILE}, GPTQ's weights before rounding: {kept / total:.2%} of them, the rest on the grid)")
     return f"quant.init_from: {len(layers)} layers from {final} (on-grid weights and their qparams)"

@@ -62,12 +62,16 @@ def gptq_quantize(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
-) -> tuple[Tensor, Tensor, Tensor, dict]:
+    latent: bool = False,
+) -> tuple:
     """GPTQ of one weight ``[out, in]`` given ``H`` ``[in, in]``; computed in ``weight``'s dtype
     (pass float32, or float64 for reference checks).
 
     Returns ``(w_hat, scale, zero, info)``: the on-grid weight, its qparams ``[out, n_groups]``
-    and ``{"damp", "loss"}`` (``loss``: GPTQ's own estimate ``sum (w - q)^2 / U_ii^2 / 2``)."""
+    and ``{"damp", "loss"}`` (``loss``: GPTQ's own estimate ``sum (w - q)^2 / U_ii^2 / 2``).
+    With ``latent``, also the error-compensated weight each column had just before it was
+    rounded (``[out, in]``): its rounding on the same qparams is ``w_hat``, and unlike ``w_hat``
+    it does not sit on grid points (the start ``quant.init_from`` gives QAT)."""
     W = weight.clone()
     H = hessian.to(W.dtype).clone()
     out_f, in_f = W.shape
@@ -90,6 +94,7 @@ def gptq_quantize(
     U, damp_used = inverse_cholesky_upper(H, damp)
     del H
     Q = torch.zeros_like(W)
+    C = torch.zeros_like(W) if latent else None
     loss = torch.zeros(out_f, dtype=W.dtype, device=W.device)
     bits, sym = scheme.bits, scheme.symmetric
 
@@ -117,6 +122,8 @@ def gptq_quantize(
             d = U1[i, i]
             q = fake_quantize(w.unsqueeze(1), scale[:, grp : grp + 1], zero[:, grp : grp + 1], bits, sym, None)[:, 0]
             Q1[:, i] = q
+            if C is not None:
+                C[:, col] = w
             loss += (w - q).square() / d.square() / 2
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) * U1[i, i:].unsqueeze(0)
@@ -126,7 +133,9 @@ def gptq_quantize(
 
     if perm is not None:
         Q = Q[:, torch.argsort(perm)]
-    return Q, scale, zero, {"damp": damp_used, "loss": float(loss.sum())}
+        C = C[:, torch.argsort(perm)] if C is not None else None
+    info = {"damp": damp_used, "loss": float(loss.sum())}
+    return (Q, scale, zero, info, C) if latent else (Q, scale, zero, info)
 
 
 def gptq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme], opts, shared_stats=None) -> dict:
@@ -143,7 +152,7 @@ def gptq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantSchem
         )
         for name in tqdm([n for grp in p_groups for n in grp], desc=f"gptq {runner.name}", leave=False, dynamic_ncols=True):
             layer = runner.module(name)
-            q, scale, zero, i = gptq_quantize(
+            q, scale, zero, i, latent = gptq_quantize(
                 layer.weight.detach().float(),
                 stats[name].hessian(),
                 plan[name],
@@ -151,8 +160,9 @@ def gptq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantSchem
                 block_size=opts.block_size,
                 act_order=opts.act_order,
                 static_groups=opts.static_groups,
+                latent=True,
             )
-            install_quantized(runner.model, name, plan[name], scale, zero, q)
+            install_quantized(runner.model, name, plan[name], scale, zero, q).ptq_latent = latent.cpu()
             info[name] = i
         del stats
     return info
