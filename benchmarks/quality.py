@@ -6,7 +6,8 @@ blocks, same held-out tokens for the layer errors):
 
 - the FP teacher, and the PTQ baselines RTN, GPTQ, AWQ, QERA-exact on GPTQ (``ptq.qera.base:
   gptq``), calibrated on the QAT run's training tokens (the same data budget);
-- the QAT rows (``MAIN``): CE only, KD, KD + ov-freeze, and qat's best recipe (``BEST``);
+- the QAT rows (``MAIN``): CE only, KD (the default recipe), KD + ov-freeze, and KD with the
+  defaults before 2026-11-30 (dynamic min-max scales);
 - with ``--levers``, one lever at a time on top of the KD recipe (``levers``), at the bit widths
   given by ``--lever-bits``.
 
@@ -39,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 BITS = ("W4g128", "W3g128", "W2g64")
-PTQ = ["rtn", "gptq", "awq", "qera-exact"]
+PTQ = ["rtn", "rtn-mse", "gptq", "awq", "qera-exact"]
 BUDGET_CAP = 4_100_000  # the issue's data budget: at most 4.1 M training tokens for every method
 
 # QAT rows of the main table: overrides of the KD recipe. ctx: {"gptq": GPTQ run dir, "steps": max_steps}
@@ -47,26 +48,32 @@ MAIN = {
     "qat-ce": lambda ctx: ["distill.kd_weight=0", "distill.ce_weight=1"],  # the teacher only evaluates
     "qat-kd": lambda ctx: [],
     "qat-kd-ovfreeze": lambda ctx: ["freeze.policy=ov-freeze"],
-    # qat's best recipe, fixed before the sweep ran (MSE-searched clipping as the start, LSQ scales
-    # trained from there); the lever rows show what each part is worth on its own
-    "qat-best": lambda ctx: ["quant.scale_init=mse", "quant.learnable=true"],
+    # the defaults before 2026-11-30 (min-max qparams recomputed every step): what the new defaults,
+    # MSE-searched clipping as the start and LSQ-trained scales, are worth
+    "qat-kd-old-defaults": lambda ctx: ["quant.scale_init=minmax", "quant.learnable=false"],
 }
+# The PTQ rows keep min-max scales (the observers of the llm-compressor GPTQ / AWQ runs they were
+# checked against; AWQ searches its own clipping); `rtn-mse` is RTN with qat's MSE clip search.
+PTQ_BASE = ["quant.scale_init=minmax"]
 
 
 def levers(ctx: dict) -> dict[str, list[str]]:
-    """One lever at a time on top of QAT + KD."""
+    """One lever at a time on top of QAT + KD (the defaults: MSE scale init, LSQ scales)."""
     n = max(4, ctx["steps"])
     return {
-        "lsq (quant.learnable)": ["quant.learnable=true"],
-        "mse scale init": ["quant.scale_init=mse"],
-        "init from gptq": [f"quant.init_from={ctx['gptq']}"],
+        "dynamic min-max scales (no LSQ)": ["quant.learnable=false"],
+        "min-max scale init": ["quant.scale_init=minmax"],
+        "lsq gradient scale": ["quant.lsq_grad_scale=true"],
+        "asymmetric grid": ["quant.symmetric=false"],
+        "init from gptq (latent)": [f"quant.init_from={ctx['gptq']}"],
         "kd temperature 2": ["distill.temperature=2"],
         "kd loss jsd": ["distill.loss=jsd"],
+        "kd loss cakld": ["distill.loss=cakld"],
         "lr x3 (9e-4)": ["train.lr=9e-4"],
         "constant lr": ["train.schedule=constant"],
         f"fake-quant from step {n // 4}": [f"quant.start_step={n // 4}"],
         f"ov-freeze from step {n // 2}": ["freeze.policy=ov-freeze", f"freeze.start_step={n // 2}"],
-        "ov-freeze weights only (+lsq)": ["freeze.policy=ov-freeze", "quant.learnable=true", "freeze.scales=false"],
+        "ov-freeze weights only (scales train)": ["freeze.policy=ov-freeze", "freeze.scales=false"],
     }
 
 
@@ -106,7 +113,7 @@ def run_bits(
 
     f = recipe_file(scale, label)
     overrides = SCALES[scale][1] + overrides
-    base = load_recipe(f, overrides + [f"output_dir={root}/{label}/base", f"ptq.methods=[{','.join(ptq)}]"])
+    base = load_recipe(f, overrides + PTQ_BASE + [f"output_dir={root}/{label}/base", f"ptq.methods=[{','.join(ptq)}]"])
     tokens = budget(base)
     if scale == "small" and tokens > BUDGET_CAP:
         raise SystemExit(f"{f}: {tokens} training tokens, over the study's budget of {BUDGET_CAP}")

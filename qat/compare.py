@@ -42,14 +42,27 @@ from .train.loop import train
 
 
 # -- runs ---------------------------------------------------------------------------------
+# what a PTQ run does not depend on: how QAT trains (a PTQ run reads train.* only for its
+# calibration budget and order: max_steps, epochs, micro_batch_size, grad_accum, seed)
+_NOT_PTQ = ("distill", "freeze", "checkpoint", "peft")
+_NOT_PTQ_QUANT = ("learnable", "lsq_grad_scale", "kernel", "start_step", "init_from")
+_PTQ_TRAIN = ("max_steps", "epochs", "micro_batch_size", "grad_accum", "seed")
+
+
 def _comparable(d: dict, kind: str) -> dict:
+    """The part of a resolved recipe that decides a run's result, for reuse."""
     d = json.loads(json.dumps(d))
     for k in ("output_dir", "tracking"):
         d.pop(k, None)
     if kind == "qat":
         d.pop("ptq", None)
-    else:
-        (d.get("ptq") or {}).pop("methods", None)
+        return d
+    (d.get("ptq") or {}).pop("methods", None)
+    for k in _NOT_PTQ:
+        d.pop(k, None)
+    for k in _NOT_PTQ_QUANT:
+        (d.get("quant") or {}).pop(k, None)
+    d["train"] = {k: v for k, v in (d.get("train") or {}).items() if k in _PTQ_TRAIN}
     return d
 
 

@@ -100,8 +100,10 @@ class QuantSection(_Section):
     bits: int = 4
     group_size: int | None = Field(128, gt=0, description="null = per-channel")
     symmetric: bool = True
-    scale_init: Literal["minmax", "mse"] = "minmax"
-    learnable: bool = False
+    # defaults: the best of the llama-small sweeps (benchmarks/RESULTS.md): MSE-searched clipping as the
+    # start, LSQ-trained scales from there
+    scale_init: Literal["minmax", "mse"] = "mse"
+    learnable: bool = True
     lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")
     act_bits: Literal[8] | None = None
     kernel: Literal["auto", "eager", "compile"] = Field(
@@ -244,7 +246,7 @@ class DataSection(_Section):
 
 class TrainSection(_Section):
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
-    lr: float = Field(1e-5, gt=0)
+    lr: float = Field(3e-4, gt=0, description="tuned for QAT of small models (llama-small, 17M); large models want less (the 7B recipes use 2e-5)")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(1e-8, gt=0)
     weight_decay: float = Field(0.0, ge=0)

@@ -266,3 +266,18 @@ def test_compare_logs_the_table_to_wandb_offline(tmp_path, monkeypatch):
         warnings.simplefilter("error", UserWarning)  # a failed log would warn
         log_wandb(r, {"recipe_files": [TINY], "rows": [row]}, tmp_path)
     assert list((tmp_path / "wandb").glob("offline-run-*")), "no offline wandb run written"
+
+
+def test_a_ptq_run_is_reused_across_qat_only_settings():
+    """PTQ results do not depend on how QAT trains: a change of lr, LSQ, KD or freezing reuses
+    them; a change of the grid, the data or the calibration budget does not."""
+    from qat.compare import _comparable
+    from qat.recipe import load_recipe
+
+    base = load_recipe(TINY, ["output_dir=x"]).to_dict()
+    same = load_recipe(TINY, ["output_dir=y", "train.lr=1e-3", "quant.learnable=true", "distill.loss=jsd", "freeze.policy=none"]).to_dict()
+    assert _comparable(base, "ptq") == _comparable(same, "ptq")
+    assert _comparable(base, "qat") != _comparable(same, "qat")
+    for change in ("quant.scale_init=mse", "quant.bits=3", "train.max_steps=31", "train.seed=1", "data.seq_len=64"):
+        other = load_recipe(TINY, ["output_dir=x", change]).to_dict()
+        assert _comparable(base, "ptq") != _comparable(other, "ptq"), change
