@@ -76,43 +76,62 @@ def load_quantized_start(model: nn.Module, run: str | Path) -> str:
         return f"quant.init_from: {len(layers)} layers from {final} (weights with their low-rank/folded corrections; qparams re-initialised)"
     qp = read_qparams(final)
     latent = load_file(str(final / LATENT_FILE)) if (final / LATENT_FILE).is_file() else {}
-    n_latent = kept = total = 0
+    kept = total = 0
     for name, layer in layers.items():
         scale = qp[f"{name}.weight_scale"].float().to(layer.weight.device)
         zero = qp[f"{name}.weight_zero_point"].float().to(layer.weight.device)
         s = layer.scheme
-        pre = latent.get(f"{name}.weight")
-        if pre is not None and not layer.fixed:  # GPTQ's pre-rounding weight: the same codes, off the grid points
-            pre = pre.float().to(layer.weight.device)
-            on_grid_w = layer.weight.detach().float().clone()  # .float() of an fp32 tensor is the tensor itself
-            # the qparams were stored in final/'s dtype: where that rounding moves a pre-rounding weight
-            # across a boundary, keep the on-grid weight, so step 0 is exactly the stored model
-            same = quantize(pre, scale, zero, s.bits, s.symmetric, s.group_size) == quantize(on_grid_w, scale, zero, s.bits, s.symmetric, s.group_size)
-            layer.weight.copy_(torch.where(same, pre, on_grid_w).to(layer.weight.dtype))
-            n_latent += 1
-            kept += same.sum().item()
-            total += same.numel()
+        on_grid_w = layer.weight.detach().float().clone()  # (.float() of an fp32 tensor is the tensor itself)
+        pre = latent.get(f"{name}.weight") if not layer.fixed else None
+        if pre is not None:
+            kept += _take_latent(layer, pre.float().to(on_grid_w.device), on_grid_w, scale, zero)
+            total += on_grid_w.numel()
         if layer.fixed:
             layer.set_qparams(scale.to(layer.weight_scale.dtype), zero.to(layer.weight_zero_point.dtype))
         elif s.learnable:
             layer.weight_scale.copy_(scale)
             layer.weight_zero_point.copy_(zero)
         else:  # dynamic: the clip ratio that turns this weight's min-max scale into the run's scale
-            base, _ = minmax_qparams(layer.weight.detach().float(), s.bits, s.group_size, s.symmetric)
-            layer.clip_ratio.copy_(scale / base)
-            if pre is not None:  # min-max x ratio may differ from the scale by an ulp: a latent weight
-                # right at a boundary then rounds the other way; those few take their on-grid value
-                target = quantize(on_grid_w, scale, zero, s.bits, s.symmetric, s.group_size)
-                for _ in range(3):
-                    ds, dz = layer.qparams()
-                    off = quantize(layer.weight.detach().float(), ds.float(), dz.float(), s.bits, s.symmetric, s.group_size) != target
-                    if not off.any():
-                        break
-                    layer.weight.copy_(torch.where(off, on_grid_w, layer.weight.detach().float()).to(layer.weight.dtype))
-                    kept -= off.sum().item()
-                    base, _ = minmax_qparams(layer.weight.detach().float(), s.bits, s.group_size, s.symmetric)
-                    layer.clip_ratio.copy_(scale / base)
-    if n_latent:
-        return (f"quant.init_from: {len(layers)} layers from {final} (their codes and qparams; latent weights of {n_latent} layers "
-                f"from {LATENT_FILE}, GPTQ's weights before rounding: {kept / total:.2%} of them, the rest on the grid)")
+            _set_clip_ratio(layer, scale)
+            if pre is not None:
+                kept -= _match_dynamic_codes(layer, on_grid_w, scale, zero)
+    if total:
+        return (f"quant.init_from: {len(layers)} layers from {final} (their codes and qparams; latent weights from {LATENT_FILE}, "
+                f"GPTQ's weights before rounding: {kept / total:.2%} of them, the rest on the grid)")
     return f"quant.init_from: {len(layers)} layers from {final} (on-grid weights and their qparams)"
+
+
+def _codes(w, scale, zero, s):
+    return quantize(w, scale, zero, s.bits, s.symmetric, s.group_size)
+
+
+def _take_latent(layer, pre, on_grid_w, scale, zero) -> int:
+    """The layer's weight := GPTQ's pre-rounding weight wherever it rounds to the stored code on the
+    stored qparams (saved in final/'s dtype, a rounding that can move a weight right at a boundary),
+    else the on-grid weight; so step 0 is exactly the stored model. Returns how many were taken."""
+    same = _codes(pre, scale, zero, layer.scheme) == _codes(on_grid_w, scale, zero, layer.scheme)
+    layer.weight.copy_(torch.where(same, pre, on_grid_w).to(layer.weight.dtype))
+    return int(same.sum())
+
+
+def _set_clip_ratio(layer, scale) -> None:
+    s = layer.scheme
+    base, _ = minmax_qparams(layer.weight.detach().float(), s.bits, s.group_size, s.symmetric)
+    layer.clip_ratio.copy_(scale / base)
+
+
+def _match_dynamic_codes(layer, on_grid_w, scale, zero) -> int:
+    """Dynamic qparams are min-max x ratio, which can differ from ``scale`` by an ulp: a latent weight
+    right at a boundary then rounds the other way. Those take their on-grid value (the ratio is
+    recomputed, in case one was a group's extreme). Returns how many were replaced."""
+    target = _codes(on_grid_w, scale, zero, layer.scheme)
+    replaced = 0
+    for _ in range(3):
+        ds, dz = layer.qparams()
+        off = _codes(layer.weight.detach().float(), ds.float(), dz.float(), layer.scheme) != target
+        if not off.any():
+            break
+        layer.weight.copy_(torch.where(off, on_grid_w, layer.weight.detach().float()).to(layer.weight.dtype))
+        replaced += int(off.sum())
+        _set_clip_ratio(layer, scale)
+    return replaced
