@@ -126,8 +126,8 @@ def run_bits(
     variants = {} if levers_only else {k: v(ctx) for k, v in MAIN.items()}
     if with_levers:
         variants.update({f"lever: {k}": v for k, v in levers(ctx).items()})
-    if only:
-        variants = {k: v for k, v in variants.items() if any(o in k for o in only)}
+    if only:  # a full variant name selects that variant; any other word, the variants that contain it
+        variants = {k: v for k, v in variants.items() if k in only or any(o in k for o in only if o not in variants)}
     for name, extra in variants.items():
         slug = name.replace("lever: ", "lever-").replace(" ", "-").replace("(", "").replace(")", "").replace(".", "").replace("+", "")
         r = load_recipe(f, overrides + [f"output_dir={root}/{label}/{slug}", "ptq.methods=[]", *extra])
@@ -238,7 +238,7 @@ def main() -> int:
     ap.add_argument("--lever-bits", nargs="+", default=None, choices=BITS, help="bit widths of the sweep (default: --bits)")
     ap.add_argument("--levers-only", action="store_true", help="with --levers: the sweep without the main QAT rows")
     ap.add_argument("--ptq", nargs="+", default=PTQ, choices=PTQ, help="PTQ baselines (gptq is what 'init from gptq' starts from)")
-    ap.add_argument("--only", nargs="+", default=None, help="QAT variants whose name contains one of these (the PTQ rows always run)")
+    ap.add_argument("--only", nargs="+", default=None, help="QAT variants: a full name selects that variant, another word those whose name contains it (the PTQ rows always run)")
     ap.add_argument("--naive", action="store_true", help="also the naive floor (benchmarks/naive_qat.py) at every bit width")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="the QAT + KD row again with these train.seed values (the spread)")
     ap.add_argument("--smoke", action="store_true", help="tiny budgets: checks every step runs, measures nothing")
