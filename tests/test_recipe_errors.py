@@ -373,3 +373,18 @@ def test_yaml_12_booleans(tmp_path):
     r = load_recipe(TINY, ["train.mixed_precision=no", "train.activation_checkpointing=true"], check_files=False)
     assert r.train.mixed_precision == "no" and r.train.activation_checkpointing is True
     assert load_recipe(TINY, ["tracking.run_name=off"], check_files=False).tracking.run_name == "off"
+
+
+@pytest.mark.parametrize("bits, symmetric", [(2, False), (3, True), (4, True), (8, True)])
+def test_a_recipe_that_names_only_the_bits_gets_the_tuned_defaults(bits, symmetric):
+    """The defaults are the best recipe of the llama-small sweep (benchmarks/RESULTS.md): MSE
+    scale init, LSQ scales, lr 3e-4, forward-KL KD, and an asymmetric grid at 2 bits only."""
+    from qat.recipe import validate
+
+    base = {"output_dir": "x", "model": {"path": "m"}, "data": {"files": ["d.txt"]}, "train": {"max_steps": 1}}
+    r = validate({**base, "quant": {"bits": bits}})
+    q = r.quant
+    assert (q.scale_init, q.learnable, q.symmetric, q.lsq_grad_scale) == ("mse", True, symmetric, False)
+    assert r.train.lr == 3e-4 and r.distill.loss == "forward_kl"
+    assert q.scheme().symmetric is symmetric
+    assert validate({**base, "quant": {"bits": 2, "symmetric": True}}).quant.symmetric is True
