@@ -66,6 +66,16 @@ def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
+def _used(d: dict) -> dict:
+    """The recipe keys this script reads (a finished run is reused when they are unchanged)."""
+    q, t = d.get("quant") or {}, d.get("train") or {}
+    return {
+        "model": (d.get("model") or {}).get("path"), "teacher": (d.get("teacher") or {}).get("dtype"),
+        "quant": (q.get("bits"), q.get("group_size")), "data": d.get("data"), "eval": d.get("eval"),
+        "train": {k: t.get(k) for k in ("lr", "betas", "eps", "warmup_steps", "max_steps", "micro_batch_size", "grad_accum", "grad_clip", "seed")},
+    }
+
+
 def run(recipe_file: str, out: Path, overrides: list[str], rerun: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -79,7 +89,7 @@ def run(recipe_file: str, out: Path, overrides: list[str], rerun: bool = False) 
     result_file = out / "naive.json"
     if result_file.exists() and not rerun:
         done = json.loads(result_file.read_text())
-        if done.get("recipe") == recipe.to_dict():
+        if _used(done.get("recipe") or {}) == _used(recipe.to_dict()):
             return done
     t, q = recipe.train, recipe.quant
     torch.manual_seed(t.seed)
