@@ -255,7 +255,7 @@ def report_md(report: dict) -> str:
         "",
     ]
     for part in report["recipes"]:
-        rows = [r for r in part["rows"] if not r["method"].startswith("fp")]
+        rows = [r for r in part["rows"] if not r["method"].startswith("fp") and r["mean_layer_error"] is not None]
         ranked = sorted(rows, key=lambda r: r["mean_layer_error"])
         out.append(
             f"**{part['recipe']}** — by mean layer error: "
@@ -324,7 +324,7 @@ def report_png(report: dict, path: Path, value: str = "ppl") -> None:
     ax.set_title(f"{name} by method and bit width")
     ax.legend(fontsize=6 if len(methods) > 8 else 8, ncol=2 if len(methods) > 8 else 1)
     for r in rows:
-        if r["method"].startswith("fp") or r["kl_to_teacher"] is None:
+        if r["method"].startswith("fp") or r["kl_to_teacher"] is None or r["mean_layer_error"] is None:
             continue
         ax2.scatter(r["mean_layer_error"], r["kl_to_teacher"], s=36, color=colors[r["method"]], marker=markers[r["recipe"]])
     for m in methods:
