@@ -131,10 +131,11 @@ def test_sharded_final_matches_one_process_run(runs):
     lb = [r["loss"] for r in rb if "loss" in r]
     # Step 1 sees the same weights and batch (float rounding only). Later the two runs' codes drift
     # apart (a latent weight on a rounding boundary snaps to the neighbouring code), and the KD loss
-    # (~0.07 here) moves relatively a lot with a few codes: measured 0.5 % by step 4 and 4.2 % at
-    # most by step 8 (the weights below stay >= 99 % code-identical); allowed: 1 % and 8 %.
+    # (~0.07 here) moves relatively a lot with a few codes: measured 0.5 % and 1.3 % by step 4 (two
+    # machines), 4.2 % at most by step 8 (the weights below stay >= 99 % code-identical); allowed:
+    # 3 % by step 4 (the DDP test's bound) and 8 % after.
     assert la[0] == pytest.approx(lb[0], rel=1e-6)
-    assert la[:4] == pytest.approx(lb[:4], rel=1e-2)
+    assert la[:4] == pytest.approx(lb[:4], rel=3e-2)
     assert la == pytest.approx(lb, rel=8e-2)
     a = load_file(str(runs["one"] / "final" / "model.safetensors"))
     b = load_file(str(runs["whole"] / "final" / "model.safetensors"))
