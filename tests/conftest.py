@@ -85,3 +85,34 @@ def tiny_opt():
 @pytest.fixture
 def llama_tiny_path() -> Path:
     return require_tiny()
+
+
+def assert_finals_match(one: Path, two: Path, lr: float, steps: int, bits: int = 4, group: int = 64) -> int:
+    """Two runs' final/ from the same global batches summed in another order (processes, sharding):
+    ov-frozen layers and their scales bit-identical; every other tensor within 2 * lr * steps
+    absolute (AdamW moves a weight by at most ~lr a step); >= 99 % of every quantized layer's codes
+    identical; min-max scales (absmax / ((qmax - qmin) / 2)) within the same bound divided by
+    (qmax - qmin) / 2, since each run's group absmax moves by at most lr * steps. Returns the
+    number of frozen layers."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from qat.quant.grid import quantize
+
+    a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (one, two))
+    qa, qb = (load_file(str(d / "final" / "qat_qparams.safetensors")) for d in (one, two))
+    layers = json.loads((one / "final" / "qat_quant.json").read_text())["layers"]
+    for key in a:
+        name = key.removesuffix(".weight")
+        if name not in layers:
+            assert (a[key] - b[key]).abs().max() <= 2 * lr * steps, key
+            continue
+        sa, sb = qa[f"{name}.weight_scale"], qb[f"{name}.weight_scale"]
+        za, zb = qa[f"{name}.weight_zero_point"], qb[f"{name}.weight_zero_point"]
+        if layers[name]["frozen"]:
+            assert torch.equal(a[key], b[key]) and torch.equal(sa, sb), key
+        ca, cb = quantize(a[key], sa, za, bits, True, group), quantize(b[key], sb, zb, bits, True, group)
+        assert (ca == cb).float().mean() >= 0.99, key
+        assert (sa - sb).abs().max() <= 2 * lr * steps / ((2**bits - 1) / 2), key
+    return sum(info["frozen"] for info in layers.values())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_tiny, require_tiny  # noqa: E402
+from conftest import assert_finals_match, needs_tiny, require_tiny  # noqa: E402
 from safetensors.torch import load_file
 
 from qat.cli import main
@@ -256,29 +256,15 @@ def test_ddp_two_processes_match_one(tmp_path):
     # in near-zero gradients into updates of up to +-lr, and fake-quant snaps latent weights that
     # sit on a rounding boundary to a neighbouring code. Stated bounds: first-step loss within 1e-6 and later
     # per-step losses within 3e-2 relative; full-precision tensors within 2 * lr * steps absolute; >= 99% of the integer
-    # codes of every quantized layer identical and scales within 1% relative; ov-frozen layers exact.
+    # codes of every quantized layer identical and scales within that bound / 7.5 (conftest.assert_finals_match);
+    # ov-frozen layers exact.
     lr, steps = 5e-4, 4
     ra, rb = rows(one), rows(two)
     assert [x["step"] for x in ra] == [x["step"] for x in rb] == [1, 2, 3, 4]
     for x, y in zip(ra, rb):
         assert x["loss"] == pytest.approx(y["loss"], rel=3e-2)
     assert ra[0]["loss"] == pytest.approx(rb[0]["loss"], rel=1e-6)  # same first global batch
-    a, b = final_weights(one), final_weights(two)
-    qa = load_file(str(one / "final/qat_qparams.safetensors"))
-    qb = load_file(str(two / "final/qat_qparams.safetensors"))
-    layers = json.loads((one / "final/qat_quant.json").read_text())["layers"]
-    for key in a:
-        name = key.removesuffix(".weight")
-        if name not in layers:
-            assert (a[key] - b[key]).abs().max() <= 2 * lr * steps, key
-            continue
-        sa, sb = qa[f"{name}.weight_scale"], qb[f"{name}.weight_scale"]
-        za, zb = qa[f"{name}.weight_zero_point"], qb[f"{name}.weight_zero_point"]
-        ca, cb = quantize(a[key], sa, za, 4, True, 64), quantize(b[key], sb, zb, 4, True, 64)
-        if layers[name]["frozen"]:
-            assert torch.equal(a[key], b[key]), key
-        assert (ca == cb).float().mean() >= 0.99, key
-        assert ((sa - sb).abs() / sa).max() <= 0.01, key
+    assert assert_finals_match(one, two, lr, steps) == 8
 
 
 def test_compiled_student_trains_saves_and_resumes(tmp_path):
