@@ -197,7 +197,7 @@ def freeze_snippet(result: dict, top: int) -> str:
     lines = [f"# layer types by fragility, most fragile first: {RANK_WHAT[key]}"]
     for i, t in enumerate(result["ranking"], 1):
         s = types[t]
-        lines.append(f"#   {i}. {t}: {s[RANK_KEYS[key]]:.4g} (validation NLL +{s['delta_nll']:.4f} when only {t} is quantized)")
+        lines.append(f"#   {i}. {t}: {s[RANK_KEYS[key]]:.4g} (validation NLL {s['delta_nll']:+.4f} when only {t} is quantized)")
     m = cut_margin(result, top)
     if m is not None:
         verdict = (
