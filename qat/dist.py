@@ -5,6 +5,8 @@
 - ``from_main_process(value, accelerator)``: the main process's ``value`` on every process, so
   that work decided by looking at the disk (which shards are missing, which checkpoint verifies) is
   decided once, and the disk is read once;
+- ``my_share(items, accelerator)``: this process's share of a work list the main process drew up
+  (teacher-generated shards, teacher-cache shards);
 - ``fsdp_on_cpu(accelerator)``: FSDP2 on CPU processes launched with an FSDP config, which
   Accelerate otherwise runs as plain DDP.
 """
@@ -25,6 +27,15 @@ def from_main_process(value, accelerator=None):
     from accelerate.utils import broadcast_object_list
 
     return broadcast_object_list([value if accelerator.is_main_process else None])[0]
+
+
+def my_share(items, accelerator=None) -> list:
+    """Rank r's share ``items[r::world]`` of the main process's ``items`` (pass anything on the
+    others): the list is decided once, so work that lands on disk meanwhile cannot shift the split."""
+    items = from_main_process(items, accelerator)
+    if accelerator is None:
+        return list(items)
+    return items[accelerator.process_index :: accelerator.num_processes]
 
 
 def fsdp_on_cpu(accelerator) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..dist import from_main_process
+from ..dist import my_share
 from ..io.models import load_teacher
 from .corpus import TokenBlocks, build_datasets
 
@@ -106,9 +106,8 @@ def generate_cached(recipe, tokenizer, device=None, progress: bool = True, accel
         meta_path.write_text(json.dumps({**params, "complete": False}, indent=1))
     n_shards = -(-params["count"] // params["batch_size"])
     missing = [i for i in range(n_shards) if not (d / SHARD.format(i)).exists()] if main else None
-    todo = from_main_process(missing, accelerator)  # decided once: a shard written meanwhile cannot shift the split
+    todo = my_share(missing, accelerator)
     if accelerator is not None:
-        todo = todo[accelerator.process_index :: accelerator.num_processes]
         device = device or accelerator.device
     if todo:
         d.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..data.generate import SHARD, save_shard
-from ..dist import from_main_process
+from ..dist import my_share
 from ..io.models import load_teacher
 from ..recipe import Recipe, RecipeError
 from .losses import TopK
@@ -109,7 +109,7 @@ def precompute(recipe: Recipe, blocks, block_indices: torch.Tensor, accelerator=
     fp = check(recipe, blocks)
     c = recipe.distill.teacher_cache
     d = cache_dir(recipe)
-    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    rank = accelerator.process_index if accelerator else 0
     if rank == 0 and not (d / META).is_file():
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / (META + ".tmp")
@@ -118,8 +118,7 @@ def precompute(recipe: Recipe, blocks, block_indices: torch.Tensor, accelerator=
     if accelerator:
         accelerator.wait_for_everyone()
     missing = [i for i in needed_shards(block_indices, c.shard_blocks) if not (d / SHARD.format(i)).exists()] if rank == 0 else None
-    todo = from_main_process(missing, accelerator)  # decided once: a shard written meanwhile cannot shift the split
-    mine = todo[rank::world]
+    mine = my_share(missing, accelerator)
     if mine:
         device = accelerator.device if accelerator else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         teacher = load_teacher(recipe, device)
