@@ -3,9 +3,10 @@
 Per-group absmax fake-quant of every Linear weight but lm_head, recomputed from the weight at
 every forward (scale = absmax / (2^(b-1) - 1), codes in [-(2^(b-1) - 1), 2^(b-1) - 1]); a plain
 straight-through estimator (the gradient passes everywhere: absmax clips nothing); forward KL to
-the frozen teacher; AdamW with the recipe's lr, warmup and cosine schedule. Nothing of qat's
+the frozen teacher; AdamW with the recipe's lr, warmup and schedule. Nothing of qat's
 quantization code is used (no shared grid, no LSQ, no clipping search, no freezing): only the
-recipe, the data blocks and batch order (the same global batches as ``qat train``), and the
+recipe, the data blocks and batch order (the same global batches as ``qat train``), qat's
+learning-rate schedule (``qat.train.optim.lr_at``) and KD loss (``qat.distill.kd_loss``), and the
 evaluation (``qat.evaluate.perplexity`` on the same validation blocks, KL to the same teacher).
 
     python benchmarks/naive_qat.py recipes/small/quality/w2g64.yaml OUT_DIR [key=value ...]
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -60,12 +60,6 @@ def wrap(model: nn.Module, bits: int, group_size: int) -> int:
     return n
 
 
-def lr_at(step: int, lr: float, warmup: int, total: int) -> float:
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
 def _used(d: dict) -> dict:
     """The recipe keys this script reads (a finished run is reused when they are unchanged)."""
     q, t = d.get("quant") or {}, d.get("train") or {}
@@ -81,9 +75,11 @@ def run(recipe_file: str, out: Path, overrides: list[str], rerun: bool = False) 
 
     from qat.data.corpus import build_datasets
     from qat.data.plans import BatchPlan, batch_of
+    from qat.distill import kd_loss
     from qat.evaluate.perplexity import perplexity
     from qat.io.models import load_tokenizer
     from qat.recipe import load_recipe
+    from qat.train.optim import lr_at
 
     recipe = load_recipe(recipe_file, [f"output_dir={out}", *overrides])
     result_file = out / "naive.json"
@@ -105,7 +101,7 @@ def run(recipe_file: str, out: Path, overrides: list[str], rerun: bool = False) 
     losses = []
     for step in range(t.max_steps):
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, t.lr, t.warmup_steps, t.max_steps)
+            g["lr"] = lr_at(step, recipe, t.max_steps)
         total = 0.0
         for micro in range(t.grad_accum):
             _, idx = plan.indices(step * t.grad_accum + micro)
@@ -113,10 +109,7 @@ def run(recipe_file: str, out: Path, overrides: list[str], rerun: bool = False) 
             with torch.no_grad():
                 t_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             s_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            mask = batch["labels"][:, 1:] != -100
-            s = F.log_softmax(s_logits[:, :-1][mask].float(), -1)
-            tt = F.log_softmax(t_logits[:, :-1][mask].float(), -1)
-            loss = (tt.exp() * (tt - s)).sum(-1).mean() / t.grad_accum
+            loss = kd_loss(s_logits, t_logits, batch["labels"]) / t.grad_accum  # forward KL, mean over real tokens
             loss.backward()
             total += loss.item()
         if t.grad_clip:
