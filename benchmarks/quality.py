@@ -128,6 +128,8 @@ def run_bits(
         variants.update({f"lever: {k}": v for k, v in levers(ctx).items()})
     if only:  # a full variant name selects that variant; any other word, the variants that contain it
         variants = {k: v for k, v in variants.items() if k in only or any(o in k for o in only if o not in variants)}
+    for seed in seeds or []:  # the spread of the deciding rows: the default recipe again on other seeds
+        variants[f"qat-kd seed{seed}"] = [f"train.seed={seed}"]
     for name, extra in variants.items():
         slug = name.replace("lever: ", "lever-").replace(" ", "-").replace("(", "").replace(")", "").replace(".", "").replace("+", "")
         r = load_recipe(f, overrides + [f"output_dir={root}/{label}/{slug}", "ptq.methods=[]", *extra])
@@ -138,15 +140,6 @@ def run_bits(
                 row["method"], row["overrides"] = name, extra
                 merged["rows"].append(row)
         merged["layer_errors"][name] = part["layer_errors"]["qat"]
-    for seed in seeds or []:  # the spread of the deciding rows: the default recipe again on other seeds
-        r = load_recipe(f, overrides + [f"output_dir={root}/{label}/qat-kd-seed{seed}", "ptq.methods=[]", f"train.seed={seed}"])
-        print(f"-- {label} qat-kd, seed {seed}", flush=True)
-        part = compare_recipe(r, rerun=rerun, with_qat=True)
-        for row in part["rows"]:
-            if row["method"] == "qat":
-                row["method"], row["overrides"] = f"qat-kd seed {seed}", [f"train.seed={seed}"]
-                merged["rows"].append(row)
-        merged["layer_errors"][f"qat-kd seed {seed}"] = part["layer_errors"]["qat"]
     if naive:  # benchmarks/naive_qat.py on the same recipe, data and budget
         from naive_qat import run as naive_run
 
