@@ -260,6 +260,22 @@ def test_ste_passes_weights_that_round_into_range(bits, symmetric):
     assert codes[1].item() == qmin and codes[4].item() == qmax  # the passed edge weights sit on the end codes
 
 
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_ste_mask_is_exactly_round_v_in_range_ties_included(bits, symmetric):
+    """The STE mask equals ``qmin <= round(v) <= qmax`` on a dense grid of ``v`` that includes
+    every half-integer (the ties of round-half-to-even) around both ends of the range."""
+    qmin, qmax = qrange(bits, symmetric)
+    z = 0.0 if symmetric else float(2 ** (bits - 1))
+    v = torch.arange((qmin - 3) * 8, (qmax + 3) * 8 + 1, dtype=torch.float32) / 8  # steps of 1/8: ties included
+    w = ((v - z) * 0.5).reshape(1, -1).requires_grad_(True)
+    fake_quantize_ste(w, torch.tensor([[0.5]]), torch.tensor([[z]]), bits, symmetric, None).sum().backward()
+    s_qmin, s_qmax = (qmin, qmax) if symmetric else (qmin - 2 ** (bits - 1), qmax - 2 ** (bits - 1))
+    vs = v - (0 if symmetric else 2 ** (bits - 1))  # the signed domain the grid rounds in
+    expected = ((torch.round(vs) >= s_qmin) & (torch.round(vs) <= s_qmax)).float()
+    assert torch.equal(w.grad.flatten(), expected)
+
+
 def test_absmax_int4_clips_only_the_group_extreme():
     """Symmetric absmax scale (absmax / 7.5): only weights at ``v = +7.5`` (the group's positive
     maximum, which rounds to 8) are clipped; the whole (7, 7.5) band keeps its gradient."""
