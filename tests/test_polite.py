@@ -82,7 +82,10 @@ def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path):
     args = [sys.executable, "-m", "qat", "train", PRETRAIN, f"output_dir={out}", *SCRATCH_SMALL, "train.max_steps=100000",
             "checkpoint.every=1", "train.log_every=1000", "eval.every=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a background job (`nohup ... &`, a CI runner) inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler: give the child the default disposition, as a terminal would
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while not list((out / "checkpoints").glob("step-*")) and time.time() < deadline and proc.poll() is None:
