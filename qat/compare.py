@@ -62,6 +62,8 @@ def _comparable(d: dict, kind: str) -> dict:
         d.pop(k, None)
     for k in _NOT_PTQ_QUANT:
         (d.get("quant") or {}).pop(k, None)
+        for o in (d.get("quant") or {}).get("overrides") or []:
+            o.pop(k, None)
     d["train"] = {k: v for k, v in (d.get("train") or {}).items() if k in _PTQ_TRAIN}
     return d
 

@@ -81,12 +81,20 @@ class TeacherSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
 
 
+def grid_defaults(bits: int) -> dict:
+    """What ``null`` means for the grid keys, by bit width: the best of the llama-small sweeps
+    (benchmarks/RESULTS.md, 2026-11-30). Below 4 bits, asymmetric codes at 2 and LSQ-trained scales
+    win by far (W2g64 1.98 -> 1.51 -> 1.40 ppl/FP); at 4 bits, scales recomputed every step win."""
+    return {"symmetric": bits > 2, "learnable": bits <= 3}
+
+
 class QuantOverride(_Section):
     pattern: str
     bits: int | None = None
     group_size: int | None = Field(None, gt=0)
     per_channel: bool = False
-    symmetric: bool | None = None
+    symmetric: bool | None = Field(None, description="null: quant.symmetric, or the default of this override's bits when that is null too")
+    learnable: bool | None = Field(None, description="null: quant.learnable, or the default of this override's bits when that is null too")
 
     @field_validator("bits")
     @classmethod
@@ -99,13 +107,12 @@ class QuantOverride(_Section):
 class QuantSection(_Section):
     bits: int = 4
     group_size: int | None = Field(128, gt=0, description="null = per-channel")
+    # null keys take the best of the llama-small sweeps at the bit width (grid_defaults)
     symmetric: bool | None = Field(
         None, description="null: asymmetric at 2 bits (better on llama-small: 1.40 vs 1.51 ppl/FP at W2g64), symmetric at 3 bits and up"
     )
-    # defaults: the best of the llama-small sweeps (benchmarks/RESULTS.md): MSE-searched clipping as the
-    # start, LSQ-trained scales from there
     scale_init: Literal["minmax", "mse"] = "mse"
-    learnable: bool = True
+    learnable: bool | None = Field(None, description="null: learnable (LSQ) scales at 2 and 3 bits, recomputed every step at 4 bits and up")
     lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")
     act_bits: Literal[8] | None = None
     kernel: Literal["auto", "eager", "compile"] = Field(
@@ -132,8 +139,14 @@ class QuantSection(_Section):
 
     @model_validator(mode="after")
     def _grid_by_bits(self):
-        if self.symmetric is None:
-            self.symmetric = self.bits > 2
+        # resolved here, overrides included, so that a run's recipe.yaml names every layer's grid
+        for o in self.overrides:
+            for key, value in grid_defaults(o.bits or self.bits).items():
+                if getattr(o, key) is None:
+                    setattr(o, key, value if getattr(self, key) is None else getattr(self, key))
+        for key, value in grid_defaults(self.bits).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
         return self
 
     def scheme(self) -> QuantScheme:
@@ -150,9 +163,9 @@ class QuantSection(_Section):
                     QuantScheme(
                         o.bits or base.bits,
                         group,
-                        base.symmetric if o.symmetric is None else o.symmetric,
+                        o.symmetric,
                         base.scale_init,
-                        base.learnable,
+                        o.learnable,
                         base.act_bits,
                         base.lsq_grad_scale,
                     ),
@@ -334,7 +347,7 @@ class CheckpointSection(_Section):
     resume: str | None = Field(None, description="'auto' (newest complete checkpoint) or a checkpoint dir")
 
 
-PTQ_METHODS = ("rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx", "nf4")
+PTQ_METHODS = ("rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx", "nf4", "block-ap")
 
 
 class GPTQOptions(_Section):
@@ -359,8 +372,13 @@ class QERAOptions(_Section):
     damp: float = Field(1e-6, gt=0, description="R + damp * mean(diag R) * I when R is singular")
 
 
+class BlockAPOptions(_Section):
+    epochs: int = Field(2, gt=0, description="passes over the calibration set per decoder block")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the block's weights and scales (cosine to 0 per block)")
+
+
 class PTQSection(_Section):
-    methods: list[Literal["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx", "nf4"]] = Field(
+    methods: list[Literal["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx", "nf4", "block-ap"]] = Field(
         ["rtn", "gptq", "awq", "qera-exact"], description="the PTQ baselines `qat compare` runs"
     )
     calib_tokens: int | None = Field(
@@ -375,6 +393,7 @@ class PTQSection(_Section):
     gptq: GPTQOptions = GPTQOptions()
     awq: AWQOptions = AWQOptions()
     qera: QERAOptions = QERAOptions()
+    block_ap: BlockAPOptions = BlockAPOptions()
 
     _lists = field_validator("methods", mode="before")(_as_list)
 

@@ -159,6 +159,22 @@ def test_resume_across_schedule_boundaries_is_bit_identical(tmp_path):
 
 
 @needs_fixtures
+def test_init_from_block_ap_starts_at_its_model_and_its_trained_latent_weights(tmp_path):
+    """Block-AP (EfficientQAT's first phase, `qat ptq --method block-ap`) then QAT: the block-trained
+    latent weights are saved off the grid, and train.max_steps=0 from the run is its model exactly."""
+    ptq = tmp_path / "block-ap"
+    assert main(["ptq", TINY, "--method", "block-ap", f"output_dir={ptq}", *FAST[:3], "train.max_steps=4", "data.valid_files=null"]) == 0
+    ref = weights(ptq)
+    latent = load_file(str(ptq / "final" / "qat_latent.safetensors"))
+    details = json.loads((ptq / "eval.json").read_text())["details"]
+    assert len(latent) == 28 and all(not torch.equal(latent[n].to(ref[n].dtype), ref[n]) for n in latent)
+    assert len(details) == 4 and all(b["steps"] == 2 * 2 and b["mse_last_epoch"] < b["mse_first_epoch"] for b in details.values())
+    out = run(tmp_path / "init", "train.max_steps=0", f"quant.init_from={ptq}", "quant.learnable=true", "freeze.policy=none")
+    got = weights(out)
+    assert all(torch.equal(got[n], ref[n]) for n in latent)
+
+
+@needs_fixtures
 def test_init_from_gptq_starts_at_the_gptq_model(tmp_path):
     """train.max_steps=0 from a GPTQ run is that GPTQ model: its on-grid weights and scales, with
     dynamic (ov-frozen layers included) and with learnable qparams."""

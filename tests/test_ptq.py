@@ -244,16 +244,22 @@ def rtn_error(tiny):
     return _mean_rel_error(tiny["model"], weights, tiny["valid"])
 
 
-@pytest.mark.parametrize("method", ["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx"])
+@pytest.mark.parametrize("method", ["rtn", "rtn-mse", "gptq", "awq", "qera-exact", "qera-approx", "block-ap"])
 def test_method_runs_on_grid_and_beats_or_matches_rtn(tiny, rtn_error, method, tmp_path):
     from qat.io.final import SCALES_FILE, effective_weights, save_final
     from qat.ptq import quantize_ptq
     from qat.ptq.run import save_adapter
 
-    extra = ["ptq.gptq.act_order=true"] if method == "gptq" else []
+    extra = {"gptq": ["ptq.gptq.act_order=true"], "block-ap": ["ptq.block_ap.lr=1e-3", "ptq.block_ap.epochs=4"]}.get(method, [])
     model = copy.deepcopy(tiny["model"])
     lora, info, folds = quantize_ptq(model, tiny["plan"], method, tiny["calib"], _opts(extra), "cpu", "cpu")
     _assert_on_grid(model, tiny["plan"])
+    if method == "block-ap":  # every block trained: its output error fell, and the latent weights round to the codes
+        assert len(info) == 4 and all(b["mse_last_epoch"] < 0.98 * b["mse_first_epoch"] for b in info.values()), info
+        for name, scheme in tiny["plan"].items():
+            layer = model.get_submodule(name)
+            args = (layer.weight_scale, layer.weight_zero_point, scheme.bits, scheme.symmetric, scheme.group_size)
+            assert torch.equal(quantize(layer.ptq_latent, *args), quantize(layer.weight.detach(), *args)), name
     assert bool(lora) == method.startswith("qera")
     assert bool(folds) == (method == "awq")
     if method.startswith("qera"):

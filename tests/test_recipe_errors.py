@@ -375,16 +375,37 @@ def test_yaml_12_booleans(tmp_path):
     assert load_recipe(TINY, ["tracking.run_name=off"], check_files=False).tracking.run_name == "off"
 
 
-@pytest.mark.parametrize("bits, symmetric", [(2, False), (3, True), (4, True), (8, True)])
-def test_a_recipe_that_names_only_the_bits_gets_the_tuned_defaults(bits, symmetric):
+_MINIMAL = {"output_dir": "x", "model": {"path": "m"}, "data": {"files": ["d.txt"]}, "train": {"max_steps": 1}}
+
+
+@pytest.mark.parametrize("bits, symmetric, learnable", [(2, False, True), (3, True, True), (4, True, False), (8, True, False)])
+def test_a_recipe_that_names_only_the_bits_gets_the_tuned_defaults(bits, symmetric, learnable):
     """The defaults are the best recipe of the llama-small sweep (benchmarks/RESULTS.md): MSE
-    scale init, LSQ scales, lr 3e-4, forward-KL KD, and an asymmetric grid at 2 bits only."""
+    scale init, lr 3e-4, forward-KL KD; LSQ scales below 4 bits (dynamic ones at 4 and up), and an
+    asymmetric grid at 2 bits only."""
     from qat.recipe import validate
 
-    base = {"output_dir": "x", "model": {"path": "m"}, "data": {"files": ["d.txt"]}, "train": {"max_steps": 1}}
-    r = validate({**base, "quant": {"bits": bits}})
+    r = validate({**_MINIMAL, "quant": {"bits": bits}})
     q = r.quant
-    assert (q.scale_init, q.learnable, q.symmetric, q.lsq_grad_scale) == ("mse", True, symmetric, False)
+    assert (q.scale_init, q.learnable, q.symmetric, q.lsq_grad_scale) == ("mse", learnable, symmetric, False)
     assert r.train.lr == 3e-4 and r.distill.loss == "forward_kl"
-    assert q.scheme().symmetric is symmetric
-    assert validate({**base, "quant": {"bits": 2, "symmetric": True}}).quant.symmetric is True
+    assert (q.scheme().symmetric, q.scheme().learnable) == (symmetric, learnable)
+    explicit = validate({**_MINIMAL, "quant": {"bits": bits, "symmetric": not symmetric, "learnable": not learnable}}).quant
+    assert (explicit.symmetric, explicit.learnable) == (not symmetric, not learnable)
+
+
+def test_an_override_takes_the_defaults_of_its_own_bits_and_recipe_yaml_keeps_them():
+    """A 2-bit override on a 4-bit recipe is asymmetric with LSQ scales, as a 2-bit recipe would be,
+    unless the recipe names the key; and the saved recipe (to_dict, what recipe.yaml holds)
+    resolves to the same layer schemes when it is loaded again (a resume, a `qat eval`)."""
+    from qat.recipe import validate
+
+    ov = [{"pattern": "mlp", "bits": 2}, {"pattern": "q_proj", "group_size": 32}, {"pattern": "k_proj", "bits": 2, "symmetric": True}]
+    q = validate({**_MINIMAL, "quant": {"bits": 4, "overrides": ov}}).quant
+    got = {p: (s.bits, s.symmetric, s.learnable) for p, s in q.layer_schemes()}
+    assert got == {"mlp": (2, False, True), "q_proj": (4, True, False), "k_proj": (2, True, True)}
+    pinned = validate({**_MINIMAL, "quant": {"bits": 4, "symmetric": True, "learnable": False, "overrides": ov}}).quant
+    assert {p: (s.symmetric, s.learnable) for p, s in pinned.layer_schemes()}["mlp"] == (True, False)
+    for quant in (q, pinned):
+        again = validate({**_MINIMAL, "quant": quant.model_dump()}).quant
+        assert again.layer_schemes() == quant.layer_schemes() and again.scheme() == quant.scheme()

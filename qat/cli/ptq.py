@@ -1,4 +1,4 @@
-"""``qat ptq RECIPE --method rtn|rtn-mse|gptq|awq|qera-exact|qera-approx|nf4 [dotted.key=value ...] [--overwrite]``.
+"""``qat ptq RECIPE --method rtn|rtn-mse|gptq|awq|qera-exact|qera-approx|nf4|block-ap [dotted.key=value ...] [--overwrite]``.
 
 Writes to ``<output_dir>-ptq-<method>`` (beside the QAT run of the same recipe), or exactly to
 ``X`` when the command line sets ``output_dir=X``.

@@ -43,6 +43,7 @@ from ..io.rundir import RunLock, check_run_dir, create_run_dir, write_json_atomi
 from ..quant.scheme import QuantScheme
 from ..recipe import PTQ_METHODS, Recipe, RecipeError
 from .awq import awq_block
+from .block_ap import block_ap_block
 from .calibrate import module_bytes, quantize_layerwise
 from .gptq import gptq_block
 from .nf4 import BLOCKSIZE, annotate_final, quantize_nf4
@@ -114,6 +115,10 @@ def quantize_ptq(
         def fn(runner, names):
             info[runner.name], f = awq_block(runner, names, plan, opts.awq)
             folds.update(f)
+    elif method == "block-ap":
+
+        def fn(runner, names):
+            info.update(block_ap_block(runner, names, plan, opts.block_ap))
     elif method in ("qera-exact", "qera-approx"):
 
         def fn(runner, names):
@@ -199,7 +204,7 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
             "offload": offload,
             "quant_time_s": timings["quantize_s"],
             "wall_time_s": None,
-            "details": info if method in ("gptq", "awq") else {"note": "bitsandbytes NF4 blocksize 64, not on qat's integer grid"} if method == "nf4" else None,
+            "details": info if method in ("gptq", "awq", "block-ap") else {"note": "bitsandbytes NF4 blocksize 64, not on qat's integer grid"} if method == "nf4" else None,
             "lora_rank": recipe.ptq.qera.rank if lora else None,
             "timings": timings,
         }
