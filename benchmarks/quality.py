@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 BITS = ("W4g128", "W3g128", "W2g64")
 PTQ = ["rtn", "rtn-mse", "gptq", "awq", "qera-exact"]
+PTQ_CHOICES = [*PTQ, "block-ap"]  # block-ap: EfficientQAT's block-wise training (its own row, and the start of a lever)
 BUDGET_CAP = 4_100_000  # the issue's data budget: at most 4.1 M training tokens for every method
 
 # QAT rows of the main table: overrides of the KD recipe. ctx: {"gptq": GPTQ run dir, "steps": max_steps}
@@ -60,11 +61,11 @@ PTQ_BASE = ["quant.scale_init=minmax"]
 def levers(ctx: dict) -> dict[str, list[str]]:
     """One lever at a time on top of QAT + KD (the defaults: MSE scale init, LSQ scales)."""
     n = max(4, ctx["steps"])
-    return {
-        "dynamic min-max scales (no LSQ)": ["quant.learnable=false"],
+    learnable, symmetric = ctx["learnable"], ctx["symmetric"]  # the defaults at this bit width
+    out = {
+        "dynamic scales (no LSQ)" if learnable else "learnable (LSQ) scales": [f"quant.learnable={str(not learnable).lower()}"],
         "min-max scale init": ["quant.scale_init=minmax"],
-        "lsq gradient scale": ["quant.lsq_grad_scale=true"],
-        "asymmetric grid": ["quant.symmetric=false"],
+        "asymmetric grid" if symmetric else "symmetric grid": [f"quant.symmetric={str(not symmetric).lower()}"],
         "init from gptq (latent)": [f"quant.init_from={ctx['gptq']}"],
         "kd temperature 2": ["distill.temperature=2"],
         "kd loss jsd": ["distill.loss=jsd"],
@@ -73,8 +74,13 @@ def levers(ctx: dict) -> dict[str, list[str]]:
         "constant lr": ["train.schedule=constant"],
         f"fake-quant from step {n // 4}": [f"quant.start_step={n // 4}"],
         f"ov-freeze from step {n // 2}": ["freeze.policy=ov-freeze", f"freeze.start_step={n // 2}"],
-        "ov-freeze weights only (scales train)": ["freeze.policy=ov-freeze", "freeze.scales=false"],
     }
+    if learnable:
+        out["lsq gradient scale"] = ["quant.lsq_grad_scale=true"]
+        out["ov-freeze weights only (scales train)"] = ["freeze.policy=ov-freeze", "freeze.scales=false"]
+    if ctx.get("block-ap"):  # EfficientQAT: Block-AP, then end-to-end QAT
+        out["init from block-ap (latent)"] = [f"quant.init_from={ctx['block-ap']}"]
+    return out
 
 
 SMOKE = [  # every step of the study in seconds (CPU): tiny budgets, not a measurement
@@ -122,7 +128,10 @@ def run_bits(
     for r in merged["rows"]:
         r["method"] = r["method"] if r["method"].startswith("fp") else r["method"] + (" (gptq base)" if r["method"].startswith("qera") else "")
     merged["layer_errors"] = {(m + " (gptq base)" if m.startswith("qera") else m): e for m, e in merged["layer_errors"].items()}
-    ctx = {"gptq": f"{root}/{label}/base-ptq-gptq", "steps": base.train.max_steps}
+    ctx = {
+        "gptq": f"{root}/{label}/base-ptq-gptq", "steps": base.train.max_steps, "learnable": base.quant.learnable, "symmetric": base.quant.symmetric,
+        "block-ap": f"{root}/{label}/base-ptq-block-ap" if "block-ap" in ptq else None,
+    }
     variants = {} if levers_only else {k: v(ctx) for k, v in MAIN.items()}
     if with_levers:
         variants.update({f"lever: {k}": v for k, v in levers(ctx).items()})
@@ -230,7 +239,7 @@ def main() -> int:
     ap.add_argument("--levers", action="store_true", help="also the lever sweep (one lever at a time on top of KD)")
     ap.add_argument("--lever-bits", nargs="+", default=None, choices=BITS, help="bit widths of the sweep (default: --bits)")
     ap.add_argument("--levers-only", action="store_true", help="with --levers: the sweep without the main QAT rows")
-    ap.add_argument("--ptq", nargs="+", default=PTQ, choices=PTQ, help="PTQ baselines (gptq is what 'init from gptq' starts from)")
+    ap.add_argument("--ptq", nargs="+", default=PTQ, choices=PTQ_CHOICES, help="PTQ baselines (gptq is what 'init from gptq' starts from)")
     ap.add_argument("--only", nargs="+", default=None, help="QAT variants: a full name selects that variant, another word those whose name contains it (the PTQ rows always run)")
     ap.add_argument("--naive", action="store_true", help="also the naive floor (benchmarks/naive_qat.py) at every bit width")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="the QAT + KD row again with these train.seed values (the spread)")

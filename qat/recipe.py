@@ -374,7 +374,10 @@ class QERAOptions(_Section):
 
 class BlockAPOptions(_Section):
     epochs: int = Field(2, gt=0, description="passes over the calibration set per decoder block")
-    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the block's weights and scales (cosine to 0 per block)")
+    lr: float = Field(
+        1e-3, gt=0, description="AdamW learning rate of the block's weights and scales (cosine to 0 per block); set for llama-tiny/-small "
+        "budgets of a few hundred steps per block (EfficientQAT used 2e-5 for weights, 1e-4 for scales on Llama-2-7B)"
+    )
 
 
 class PTQSection(_Section):

@@ -18,7 +18,9 @@ on-grid weights changed no code at all. A GPTQ run therefore also writes ``qat_l
 each column as GPTQ had it just before rounding (error feedback included). Rounded on the run's
 qparams these give exactly its codes, so step 0 is still the GPTQ model, but they lie anywhere
 inside their rounding bins, as trained weights do; when present they are the latent start
-(dynamic and learnable qparams; a fixed layer keeps the on-grid weight).
+(dynamic and learnable qparams; a fixed layer keeps the on-grid weight). A Block-AP run
+(``ptq/block_ap.py``) writes the same file: its block-trained weights, EfficientQAT's start for
+end-to-end QAT.
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def load_quantized_start(model: nn.Module, run: str | Path) -> str:
                 kept -= _match_dynamic_codes(layer, on_grid_w, scale, zero)
     if total:
         return (f"quant.init_from: {len(layers)} layers from {final} (their codes and qparams; latent weights from {LATENT_FILE}, "
-                f"GPTQ's weights before rounding: {kept / total:.2%} of them, the rest on the grid)")
+                f"the run's weights before rounding (GPTQ, Block-AP): {kept / total:.2%} of them, the rest on the grid)")
     return f"quant.init_from: {len(layers)} layers from {final} (on-grid weights and their qparams)"
 
 
