@@ -194,10 +194,6 @@ def fill_budget(bits: np.ndarray, d: np.ndarray, n: np.ndarray, budget: float, c
         bits[best] = nb
 
 
-def uniform_bits(n_layers: int, bits: int) -> np.ndarray:
-    return np.full(n_layers, bits)
-
-
 # -- statistics and outputs ----------------------------------------------------------------------
 def weight_variance(w, group_size: int | None) -> float:
     """``mean over quantization groups of var(w in group)`` (biased variance, fp64)."""
