@@ -82,10 +82,12 @@ class TeacherSection(_Section):
 
 
 def grid_defaults(bits: int) -> dict:
-    """What ``null`` means for the grid keys, by bit width: the best of the llama-small sweeps
-    (benchmarks/RESULTS.md, 2026-11-30). Below 4 bits, asymmetric codes at 2 and LSQ-trained scales
-    win by far (W2g64 1.98 -> 1.51 -> 1.40 ppl/FP); at 4 bits, scales recomputed every step win."""
-    return {"symmetric": bits > 2, "learnable": bits <= 3}
+    """What ``null`` means for the grid keys, by bit width: the best of the llama-small runs
+    (benchmarks/RESULTS.md, 2026-11-30; ppl/FP, MSE scale init in all). At 2 bits an asymmetric grid
+    (W2g64 1.40 vs 1.51 symmetric) with LSQ-trained scales (1.509 vs 1.522 recomputed); at 3 bits and
+    up a symmetric grid whose scales are recomputed every step (W4g128 1.0225 / 1.0253 over 2 seeds
+    vs 1.0296 / 1.0284 with LSQ; W3g128 1.0690 vs 1.0745)."""
+    return {"symmetric": bits > 2, "learnable": bits <= 2}
 
 
 class QuantOverride(_Section):
@@ -112,7 +114,7 @@ class QuantSection(_Section):
         None, description="null: asymmetric at 2 bits (better on llama-small: 1.40 vs 1.51 ppl/FP at W2g64), symmetric at 3 bits and up"
     )
     scale_init: Literal["minmax", "mse"] = "mse"
-    learnable: bool | None = Field(None, description="null: learnable (LSQ) scales at 2 and 3 bits, recomputed every step at 4 bits and up")
+    learnable: bool | None = Field(None, description="null: learnable (LSQ) scales at 2 bits, recomputed every step at 3 bits and up")
     lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")
     act_bits: Literal[8] | None = None
     kernel: Literal["auto", "eager", "compile"] = Field(
