@@ -47,10 +47,13 @@ from .train.loop import train
 _NOT_PTQ = ("distill", "freeze", "checkpoint", "peft")
 _NOT_PTQ_QUANT = ("learnable", "lsq_grad_scale", "kernel", "start_step", "init_from")
 _PTQ_TRAIN = ("max_steps", "epochs", "micro_batch_size", "grad_accum", "seed")
+# the ptq.<section> options each method reads (QERA's base may be GPTQ); the others do not decide its result
+_PTQ_OPTIONS = {"gptq": ("gptq",), "awq": ("awq",), "qera-exact": ("qera", "gptq"), "qera-approx": ("qera", "gptq"), "block-ap": ("block_ap",)}
+_PTQ_SECTIONS = ("gptq", "awq", "qera", "block_ap")
 
 
-def _comparable(d: dict, kind: str) -> dict:
-    """The part of a resolved recipe that decides a run's result, for reuse."""
+def _comparable(d: dict, kind: str, method: str | None = None) -> dict:
+    """The part of a resolved recipe that decides a run's result (of PTQ ``method``), for reuse."""
     d = json.loads(json.dumps(d))
     for k in ("output_dir", "tracking"):
         d.pop(k, None)
@@ -58,6 +61,10 @@ def _comparable(d: dict, kind: str) -> dict:
         d.pop("ptq", None)
         return d
     (d.get("ptq") or {}).pop("methods", None)
+    if method is not None:
+        for section in _PTQ_SECTIONS:
+            if section not in _PTQ_OPTIONS.get(method, ()):
+                (d.get("ptq") or {}).pop(section, None)
     for k in _NOT_PTQ:
         d.pop(k, None)
     for k in _NOT_PTQ_QUANT:
@@ -81,7 +88,7 @@ def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None
         old = validate(yaml.safe_load(rp.read_text()) or {})
     except RecipeError:
         return None
-    if _comparable(old.to_dict(), kind) != _comparable(recipe.to_dict(), kind):
+    if _comparable(old.to_dict(), kind, method) != _comparable(recipe.to_dict(), kind, method):
         return None
     return result
 

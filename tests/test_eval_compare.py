@@ -281,3 +281,10 @@ def test_a_ptq_run_is_reused_across_qat_only_settings():
     for change in ("quant.scale_init=mse", "quant.bits=3", "train.max_steps=31", "train.seed=1", "data.seq_len=64"):
         other = load_recipe(TINY, ["output_dir=x", change]).to_dict()
         assert _comparable(base, "ptq") != _comparable(other, "ptq"), change
+    # another method's options leave a run alone; its own do not
+    for change, method in (("ptq.block_ap.lr=1e-4", "gptq"), ("ptq.awq.grid=4", "block-ap"), ("ptq.gptq.damp=0.1", "rtn")):
+        other = load_recipe(TINY, ["output_dir=x", change]).to_dict()
+        assert _comparable(base, "ptq", method) == _comparable(other, "ptq", method), change
+    for change, method in (("ptq.block_ap.lr=1e-4", "block-ap"), ("ptq.gptq.damp=0.1", "qera-exact"), ("ptq.qera.rank=4", "qera-approx")):
+        other = load_recipe(TINY, ["output_dir=x", change]).to_dict()
+        assert _comparable(base, "ptq", method) != _comparable(other, "ptq", method), change
