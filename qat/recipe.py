@@ -376,10 +376,9 @@ class QERAOptions(_Section):
 
 class BlockAPOptions(_Section):
     epochs: int = Field(2, gt=0, description="passes over the calibration set per decoder block")
-    lr: float = Field(
-        1e-3, gt=0, description="AdamW learning rate of the block's weights and scales (cosine to 0 per block); set for llama-tiny/-small "
-        "budgets of a few hundred steps per block (EfficientQAT used 2e-5 for weights, 1e-4 for scales on Llama-2-7B)"
-    )
+    # set on llama-tiny W2g64 (4,096 calibration tokens): ppl/FP 2.54 / 2.25 / 1.86 / 2.09 at weight_lr 0 / 1e-4 / 1e-3 / 3e-3
+    lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the scales (and zero-points), cosine to 0 in each block")
+    weight_lr: float = Field(1e-3, ge=0, description="AdamW learning rate of the weights (0: scales only)")
 
 
 class PTQSection(_Section):

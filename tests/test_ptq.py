@@ -250,7 +250,7 @@ def test_method_runs_on_grid_and_beats_or_matches_rtn(tiny, rtn_error, method, t
     from qat.ptq import quantize_ptq
     from qat.ptq.run import save_adapter
 
-    extra = {"gptq": ["ptq.gptq.act_order=true"], "block-ap": ["ptq.block_ap.lr=1e-3", "ptq.block_ap.epochs=4"]}.get(method, [])
+    extra = {"gptq": ["ptq.gptq.act_order=true"], "block-ap": ["ptq.block_ap.weight_lr=1e-4", "ptq.block_ap.epochs=8"]}.get(method, [])
     model = copy.deepcopy(tiny["model"])
     lora, info, folds = quantize_ptq(model, tiny["plan"], method, tiny["calib"], _opts(extra), "cpu", "cpu")
     _assert_on_grid(model, tiny["plan"])
@@ -260,6 +260,8 @@ def test_method_runs_on_grid_and_beats_or_matches_rtn(tiny, rtn_error, method, t
             layer = model.get_submodule(name)
             args = (layer.weight_scale, layer.weight_zero_point, scheme.bits, scheme.symmetric, scheme.group_size)
             assert torch.equal(quantize(layer.ptq_latent, *args), quantize(layer.weight.detach(), *args)), name
+            moved = (layer.ptq_latent - tiny["model"].get_submodule(name).weight.detach()).abs()  # the weights trained, not only the scales
+            assert moved.mean() > 1e-4 and (moved > 0).float().mean() > 0.9, name
     assert bool(lora) == method.startswith("qera")
     assert bool(folds) == (method == "awq")
     if method.startswith("qera"):

@@ -74,10 +74,11 @@ def block_ap_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantS
     for n in names:
         layers[n] = QATLinear.from_linear(runner.module(n), replace(plan[n], learnable=True), n)
         _swap(runner.model, n, layers[n])
-    params = [p for m in layers.values() for p in (m.weight, m.weight_scale, m.weight_zero_point) if p.requires_grad]
     for m in layers.values():
         m.weight.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=0.0)
+    qparams = [p for m in layers.values() for p in (m.weight_scale, m.weight_zero_point) if p.requires_grad]
+    groups = [{"params": qparams, "base_lr": opts.lr}, {"params": [m.weight for m in layers.values()], "base_lr": opts.weight_lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["base_lr"] > 0], lr=opts.lr, weight_decay=0.0)
     steps = opts.epochs * len(runs)
     gen = torch.Generator().manual_seed(seed)
     order = [b for _ in range(opts.epochs) for b in torch.randperm(len(runs), generator=gen).tolist()]
@@ -85,7 +86,7 @@ def block_ap_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantS
     with torch.enable_grad():
         for step, b in enumerate(tqdm(order, desc=f"block-ap {runner.name}", leave=False, dynamic_ncols=True)):
             for g in opt.param_groups:
-                g["lr"] = opts.lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
             inp = runs[b]
             out = runner.call(BlockInput(inp.hidden.float(), inp.args, inp.kwargs, inp.mask))
             loss = _masked_mse(out, targets[b].to(out.device), inp.mask)
