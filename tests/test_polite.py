@@ -61,7 +61,7 @@ def test_unknown_recipe_key_suggests_the_closest(tmp_path, capsys):
     assert main(["train", PRETRAIN, f"output_dir={tmp_path / 'x'}", "train.lrr=1e-3", "lr=2", "quant.bitz=3"]) == 2
     err = capsys.readouterr().err
     assert "train.lrr: unknown key (did you mean train.lr?)" in err
-    assert "lr: unknown key (did you mean train.lr?)" in err
+    assert "\n  lr: unknown key (did you mean train.lr or ptq.block_ap.lr?)" in err  # every key of that name, train's first
     assert "quant.bitz: unknown key (did you mean quant.bits?)" in err
 
 
