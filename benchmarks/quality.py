@@ -59,7 +59,7 @@ PTQ_BASE = ["quant.scale_init=minmax"]
 
 
 def levers(ctx: dict) -> dict[str, list[str]]:
-    """One lever at a time on top of QAT + KD (the defaults: MSE scale init, LSQ scales)."""
+    """One lever at a time on top of QAT + KD (the bit width's defaults, `ctx`: its learnable and symmetric)."""
     n = max(4, ctx["steps"])
     learnable, symmetric = ctx["learnable"], ctx["symmetric"]  # the defaults at this bit width
     out = {
