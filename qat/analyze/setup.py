@@ -19,7 +19,7 @@ from ..data.setup import load_plan_and_data
 from ..evaluate.perplexity import perplexity
 from ..io.final import final_dtype
 from ..io.models import load_student
-from ..quant import QATLinear
+from ..quant.apply import fake_quantized
 from ..quant.scheme import QuantScheme
 from ..recipe import Recipe, RecipeError
 
@@ -80,18 +80,8 @@ def quantized(model: nn.Module, plan: dict[str, QuantScheme], names):
     """Fake-quantize exactly the layers ``names`` (with their plan schemes, min-max qparams
     recomputed from the weight, STE gradients) for the duration of the block; the original
     ``nn.Linear`` modules (sharing the same weight tensors) are put back afterwards."""
-    swapped = []
-    try:
-        for n in names:
-            parent_name, _, attr = n.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            orig = getattr(parent, attr)
-            setattr(parent, attr, QATLinear.from_linear(orig, plan[n], n))
-            swapped.append((parent, attr, orig))
+    with fake_quantized(model, {n: plan[n] for n in names}):
         yield model
-    finally:
-        for parent, attr, orig in reversed(swapped):
-            setattr(parent, attr, orig)
 
 
 def causal_lm_loss(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,9 +26,9 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..quant.linear import QATLinear
+from ..quant.apply import fake_quantized
 from ..quant.scheme import QuantScheme
 from .calibrate import BlockInput, BlockRunner, install_quantized
 
@@ -51,11 +51,6 @@ def _masked_mse(out: Tensor, target: Tensor, mask: Tensor | None) -> Tensor:
     return F.mse_loss(out.reshape(-1, out.shape[-1])[keep].float(), target.reshape(-1, target.shape[-1])[keep].float())
 
 
-def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-
-
 def block_ap_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantScheme], opts, seed: int = 0) -> dict:
     """Train and quantize the block's layers ``names`` (see module doc); returns the block's losses."""
     from tqdm.auto import tqdm
@@ -70,44 +65,37 @@ def block_ap_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantS
     frozen = [p for p in block.parameters() if p.requires_grad]  # only the planned layers' weights and qparams train
     for p in frozen:
         p.requires_grad_(False)
-    layers: dict[str, QATLinear] = {}
-    for n in names:
-        layers[n] = QATLinear.from_linear(runner.module(n), replace(plan[n], learnable=True), n)
-        _swap(runner.model, n, layers[n])
-    for m in layers.values():
-        m.weight.requires_grad_(True)
-    qparams = [p for m in layers.values() for p in (m.weight_scale, m.weight_zero_point) if p.requires_grad]
-    groups = [{"params": qparams, "base_lr": opts.lr}, {"params": [m.weight for m in layers.values()], "base_lr": opts.weight_lr}]
-    opt = torch.optim.AdamW([g for g in groups if g["base_lr"] > 0], lr=opts.lr, weight_decay=0.0)
-    steps = opts.epochs * len(runs)
-    gen = torch.Generator().manual_seed(seed)
-    order = [b for _ in range(opts.epochs) for b in torch.randperm(len(runs), generator=gen).tolist()]
-    losses = []
-    with torch.enable_grad():
-        for step, b in enumerate(tqdm(order, desc=f"block-ap {runner.name}", leave=False, dynamic_ncols=True)):
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
-            inp = runs[b]
-            out = runner.call(BlockInput(inp.hidden.float(), inp.args, inp.kwargs, inp.mask))
-            loss = _masked_mse(out, targets[b].to(out.device), inp.mask)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            losses.append(loss.item())
-    del opt, targets
+    # the wrapped layers share their weights with the block's Linear layers, which keep what was trained
+    with fake_quantized(runner.model, {n: replace(plan[n], learnable=True) for n in names}) as layers:
+        for m in layers.values():
+            m.weight.requires_grad_(True)
+        qparams = [p for m in layers.values() for p in (m.weight_scale, m.weight_zero_point) if p.requires_grad]
+        groups = [{"params": qparams, "base_lr": opts.lr}, {"params": [m.weight for m in layers.values()], "base_lr": opts.weight_lr}]
+        opt = torch.optim.AdamW([g for g in groups if g["base_lr"] > 0], lr=opts.lr, weight_decay=0.0)
+        steps = opts.epochs * len(runs)
+        gen = torch.Generator().manual_seed(seed)
+        order = [b for _ in range(opts.epochs) for b in torch.randperm(len(runs), generator=gen).tolist()]
+        losses = []
+        with torch.enable_grad():
+            for step, b in enumerate(tqdm(order, desc=f"block-ap {runner.name}", leave=False, dynamic_ncols=True)):
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * 0.5 * (1 + math.cos(math.pi * step / steps))
+                inp = runs[b]
+                out = runner.call(BlockInput(inp.hidden.float(), inp.args, inp.kwargs, inp.mask))
+                loss = _masked_mse(out, targets[b].to(out.device), inp.mask)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+        del opt, targets
+        with torch.no_grad():
+            trained = {n: tuple(t.detach().float().clone() for t in (*m.qparams(), m.weight)) for n, m in layers.items()}
 
-    with torch.no_grad():
-        done = {n: (*(t.detach().float().clone() for t in layer.qparams()), layer.weight.detach().float().clone()) for n, layer in layers.items()}
-        for n, layer in layers.items():  # back to plain Linear layers, then installed on their trained grid
-            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=layer.weight.device)
-            plain.weight.copy_(layer.weight)
-            if layer.bias is not None:
-                plain.bias.copy_(layer.bias)
-            _swap(runner.model, n, plain)
-        for p in frozen:
-            p.requires_grad_(True)
-        block.to(dtype)
-        for n, (scale, zero, latent) in done.items():
+    for p in frozen:
+        p.requires_grad_(True)
+    block.to(dtype)
+    with torch.no_grad():  # each layer on its trained grid
+        for n, (scale, zero, latent) in trained.items():
             install_quantized(runner.model, n, plan[n], scale, zero, latent).ptq_latent = latent.cpu()
     first = sum(losses[: len(runs)]) / max(1, min(len(runs), len(losses)))
     last = sum(losses[-len(runs):]) / max(1, min(len(runs), len(losses)))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -104,6 +105,25 @@ def quantize_model(
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, attr = name.rpartition(".")
     return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+@contextmanager
+def fake_quantized(model: nn.Module, schemes: dict[str, QuantScheme]):
+    """Swap the Linear layers named in ``schemes`` for ``QATLinear`` layers (those schemes, qparams
+    initialised from the weight) for the duration of the block, and put the original modules back
+    afterwards. The two share their weight and bias tensors, so what the wrapped layers trained
+    stays in the originals. Yields ``{name: QATLinear}``."""
+    swapped = {}
+    try:
+        for name, s in schemes.items():
+            parent, attr = _parent(model, name)
+            orig = getattr(parent, attr)
+            setattr(parent, attr, QATLinear.from_linear(orig, s, name))
+            swapped[name] = (parent, attr, orig)
+        yield {name: getattr(parent, attr) for name, (parent, attr, _) in swapped.items()}
+    finally:
+        for parent, attr, orig in reversed(swapped.values()):
+            setattr(parent, attr, orig)
 
 
 def qat_linears(model: nn.Module) -> dict[str, QATLinear]:
