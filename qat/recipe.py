@@ -87,7 +87,23 @@ def grid_defaults(bits: int) -> dict:
     (W2g64 1.40 vs 1.51 symmetric) with LSQ-trained scales (1.509 vs 1.522 recomputed); at 3 bits and
     up a symmetric grid whose scales are recomputed every step (W4g128 1.0225 / 1.0253 over 2 seeds
     vs 1.0296 / 1.0284 with LSQ; W3g128 1.0690 vs 1.0745)."""
-    return {"symmetric": bits > 2, "learnable": bits <= 2}
+    return {"grid": "int", "symmetric": bits > 2, "learnable": bits <= 2}
+
+
+def _resolve_grid(section, bits: int, fallback=None) -> None:
+    """Fill the null grid keys of ``section`` (QuantSection or QuantOverride): from ``fallback``
+    (the quant section, for an override) where that sets them, else by ``bits``. SEQ's grid is
+    asymmetric by construction, so on it a null ``symmetric`` means false."""
+    for key, value in grid_defaults(bits).items():
+        if getattr(section, key) is None:
+            given = getattr(fallback, key, None)
+            if key == "symmetric" and section.grid == "seq":
+                value = False
+            elif given is not None and not (key == "symmetric" and fallback.grid == "seq"):
+                value = given
+            setattr(section, key, value)
+    if section.grid == "seq" and section.symmetric:
+        raise ValueError("symmetric: true does not go with grid: seq (SEQ's levels are symmetric about 0 by construction, on unsigned codes)")
 
 
 class QuantOverride(_Section):
@@ -97,6 +113,7 @@ class QuantOverride(_Section):
     per_channel: bool = False
     symmetric: bool | None = Field(None, description="null: quant.symmetric, or the default of this override's bits when that is null too")
     learnable: bool | None = Field(None, description="null: quant.learnable, or the default of this override's bits when that is null too")
+    grid: Literal["int", "seq"] | None = Field(None, description="null: quant.grid, or the default of this override's bits when that is null too")
 
     @field_validator("bits")
     @classmethod
@@ -115,6 +132,11 @@ class QuantSection(_Section):
     )
     scale_init: Literal["minmax", "mse"] = "mse"
     learnable: bool | None = Field(None, description="null: learnable (LSQ) scales at 2 bits, recomputed every step at 3 bits and up")
+    grid: Literal["int", "seq"] | None = Field(
+        None,
+        description="int: integer zero-point (the grid of compressed-tensors / GPTQ checkpoints); seq: ParetoQ's stretched elastic grid, "
+        "levels (q - (2^b - 1) / 2) * s, no zero level (export: --format fake only). null: int",
+    )
     lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")
     act_bits: Literal[8] | None = None
     kernel: Literal["auto", "eager", "compile"] = Field(
@@ -143,16 +165,14 @@ class QuantSection(_Section):
     def _grid_by_bits(self):
         # resolved here, overrides included, so that a run's recipe.yaml names every layer's grid
         for o in self.overrides:
-            for key, value in grid_defaults(o.bits or self.bits).items():
-                if getattr(o, key) is None:
-                    setattr(o, key, value if getattr(self, key) is None else getattr(self, key))
-        for key, value in grid_defaults(self.bits).items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+            _resolve_grid(o, o.bits or self.bits, self)
+        _resolve_grid(self, self.bits)
         return self
 
     def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.symmetric, self.scale_init, self.learnable, self.act_bits, self.lsq_grad_scale)
+        return QuantScheme(
+            self.bits, self.group_size, self.symmetric, self.scale_init, self.learnable, self.act_bits, self.lsq_grad_scale, self.grid
+        )
 
     def layer_schemes(self) -> list[tuple[str, QuantScheme]]:
         base = self.scheme()
@@ -170,6 +190,7 @@ class QuantSection(_Section):
                         o.learnable,
                         base.act_bits,
                         base.lsq_grad_scale,
+                        o.grid,
                     ),
                 )
             )
@@ -364,8 +385,8 @@ class AWQOptions(_Section):
     grid: int = Field(20, gt=0, description="alpha grid 0, 1/grid, ..., (grid-1)/grid for s = mean|x|^alpha")
     search_tokens: int = Field(65536, gt=0, description="calibration tokens the scale search runs the block on")
     clip: bool = Field(True, description="weight clipping search after scaling")
-    clip_grid: int = Field(20, gt=0)
-    clip_min: float = Field(0.5, gt=0, le=1, description="smallest clip ratio searched")
+    clip_grid: int | None = Field(None, gt=0, description="clip ratios searched; null: 20 (28 on quant.grid seq)")
+    clip_min: float | None = Field(None, gt=0, le=1, description="smallest clip ratio searched; null: 0.5 (0.3 on quant.grid seq)")
 
 
 class QERAOptions(_Section):

@@ -105,7 +105,7 @@ def bits_per_weight(final_dir: str | Path, scale_bits: int = 16) -> float | None
     for n, info in layers.items():
         out_f, in_f = shapes[n]
         groups = out_f * (in_f // (info["group_size"] or in_f))
-        total_bits += info["bits"] * out_f * in_f + groups * (scale_bits + (0 if info["symmetric"] else info["bits"]))
+        total_bits += info["bits"] * out_f * in_f + groups * (scale_bits + (0 if info["symmetric"] or info.get("grid") == "seq" else info["bits"]))
         total_bits += scale_bits * lora_entries.get(n, 0)
         total_weights += out_f * in_f
     return total_bits / total_weights

@@ -69,7 +69,7 @@ def merge_lora(src: ExportSource, ids: Tensor) -> dict:
         s = src.qweights[name].scheme
         lin = merged.get_submodule(name)
         w = lin.weight.detach().float()
-        scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric)
+        scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, seq=s.seq)
         codes = quantize(w, scale, zero, s.bits, s.symmetric, s.group_size)
         new = QuantizedWeight(codes, scale.to(src.dtype), zero.to(src.dtype), s)
         lin.weight.data = new.dequantize(src.dtype).float()

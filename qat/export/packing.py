@@ -61,6 +61,12 @@ def check_servable(layers: dict[str, dict], fmt: str, any_bits: bool = False) ->
             f"{' (mixed precision)' if mixed else ''}, e.g. {shown}; serving engines (vLLM's compressed-tensors "
             f"and GPTQ kernels) take int4 and int8 weights only. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}."
         )
+    seq = [n for n, i in layers.items() if i.get("grid") == "seq"]
+    if seq:
+        raise ExportError(
+            f"{fmt}: {len(seq)} layers are on SEQ's grid (quant.grid: seq), whose zero-point (2^b - 1) / 2 is a half-integer; "
+            f"{fmt} stores integer zero-points. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}."
+        )
     act = [n for n, i in layers.items() if i.get("act_bits")]
     if act:
         raise ExportError(
@@ -96,7 +102,7 @@ def check_gptq_schemes(layers: dict[str, dict]) -> tuple[int, int | None]:
             f"gptq: the layers use {len(keys)} schemes ({'; '.join(describe(k) for k in sorted(keys, key=str))}); a GPTQ v1 "
             "config has one bits/group_size. Use --format compressed-tensors (one config group per scheme)."
         )
-    bits, g, _ = next(iter(keys))
+    bits, g = next(iter(keys))[:2]
     return bits, g
 
 

@@ -51,16 +51,18 @@ def resolve_run(run_dir: str | os.PathLike) -> tuple[Path | None, Path]:
 
 
 def _scheme(info: dict) -> QuantScheme:
-    return QuantScheme(bits=info["bits"], group_size=info["group_size"], symmetric=info["symmetric"], act_bits=info.get("act_bits"))
+    return QuantScheme(
+        bits=info["bits"], group_size=info["group_size"], symmetric=info["symmetric"], act_bits=info.get("act_bits"), grid=info.get("grid", "int")
+    )
 
 
 def _scheme_key(info: dict) -> tuple:
-    return (info["bits"], info["group_size"], info["symmetric"])
+    return (info["bits"], info["group_size"], info["symmetric"], info.get("grid", "int"))
 
 
 def describe(key: tuple) -> str:
-    bits, g, sym = key
-    return f"int{bits} {'per-channel' if g is None else f'group {g}'} {'sym' if sym else 'asym'}"
+    bits, g, sym, grid = key
+    return f"int{bits} {'per-channel' if g is None else f'group {g}'} {'seq' if grid == 'seq' else 'sym' if sym else 'asym'}"
 
 
 def read_layers(final_dir: Path) -> dict[str, dict]:

@@ -3,7 +3,8 @@
 Every quantized Linear is replaced by a plain ``nn.Linear`` holding its dequantized weight, so
 ``AutoModelForCausalLM.from_pretrained(final)`` loads it with plain transformers. Beside it:
 
-- ``qat_quant.json``: ``{"layers": {name: {"bits", "group_size", "symmetric", "frozen", "act_bits"}}}``
+- ``qat_quant.json``: ``{"layers": {name: {"bits", "group_size", "symmetric", "grid", "frozen", "act_bits"}}}``
+  (``grid`` is absent in runs written before it existed: read as ``"int"``)
 - ``qat_qparams.safetensors``: ``<name>.weight_scale`` and ``<name>.weight_zero_point`` of every
   quantized layer, so export can recover the integer codes exactly;
 - the tokenizer files;

@@ -55,10 +55,10 @@ def check_layers(schemes: dict, run: str | Path) -> None:
         raise RecipeError(f"quant.init_from: {run} quantized other layers than this recipe (e.g. {only})")
     for name, s in schemes.items():
         d = saved[name]
-        if (s.bits, s.group_size, s.symmetric) != (d["bits"], d["group_size"], d["symmetric"]):
+        if (s.bits, s.group_size, s.symmetric, s.grid) != (d["bits"], d["group_size"], d["symmetric"], d.get("grid", "int")):
             raise RecipeError(
-                f"quant.init_from: {run} has {name} at bits {d['bits']} group {d['group_size']} symmetric {d['symmetric']}, "
-                f"the recipe at bits {s.bits} group {s.group_size} symmetric {s.symmetric}"
+                f"quant.init_from: {run} has {name} at bits {d['bits']} group {d['group_size']} symmetric {d['symmetric']} "
+                f"grid {d.get('grid', 'int')}, the recipe at bits {s.bits} group {s.group_size} symmetric {s.symmetric} grid {s.grid}"
             )
 
 
@@ -118,7 +118,7 @@ def _take_latent(layer, pre, on_grid_w, scale, zero) -> int:
 
 def _set_clip_ratio(layer, scale) -> None:
     s = layer.scheme
-    base, _ = minmax_qparams(layer.weight.detach().float(), s.bits, s.group_size, s.symmetric)
+    base, _ = minmax_qparams(layer.weight.detach().float(), s.bits, s.group_size, s.symmetric, seq=s.seq)
     layer.clip_ratio.copy_(scale / base)
 
 

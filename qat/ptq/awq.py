@@ -16,7 +16,8 @@ Per decoder block, on its calibration inputs (the outputs of the already-quantiz
    preceding op cannot absorb the scale (checked numerically, e.g. Gemma's ``1 + w`` norms) is
    left unscaled;
 4. clipping search (not for q/k, as in the reference, since their error is seen through the
-   softmax): per (row, group) the clip ratio in ``[clip_min, 1]`` minimising the group's share of
+   softmax): per (row, group) the clip ratio in ``[clip_min, 1]`` (by default the range of the
+   ``mse`` scale init: from 0.5, or from 0.3 on SEQ's grid) minimising the group's share of
    the output error ``d^T E[x_g^T x_g] d`` (``d`` = weight error, inputs divided by ``s``);
 5. final qparams: ``minmax_qparams(W diag(s), clip_ratio)``, installed with ``set_qparams``.
 
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..quant.grid import fake_quantize, minmax_qparams
+from ..quant.grid import MSE_CLIP_GRID, SEQ_CLIP_GRID, SEQ_MIN_CLIP, fake_quantize, minmax_qparams
 from ..quant.scheme import QuantScheme
 from .calibrate import BlockRunner, InputStats, first_output, install_quantized, to_device
 
@@ -116,7 +117,7 @@ def scale_groups(block: nn.Module, prefix: str, names: list[str]) -> list[ScaleG
 def scaled_fake_quant(w: Tensor, s: Tensor, scheme: QuantScheme) -> Tensor:
     """``Q(W diag(s)) diag(s)^-1`` with min-max qparams (float32)."""
     ws = w.float() * s
-    scale, zero = minmax_qparams(ws, scheme.bits, scheme.group_size, scheme.symmetric)
+    scale, zero = minmax_qparams(ws, scheme.bits, scheme.group_size, scheme.symmetric, seq=scheme.seq)
     return fake_quantize(ws, scale, zero, scheme.bits, scheme.symmetric, scheme.group_size) / s
 
 
@@ -130,7 +131,7 @@ def search_clip(w: Tensor, block_moment: Tensor, scheme: QuantScheme, grid: int 
     best = torch.ones_like(best_err)
     for i in range(grid):
         r = 1.0 - (1.0 - min_ratio) * i / grid
-        scale, zero = minmax_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric, clip_ratio=r)
+        scale, zero = minmax_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric, clip_ratio=r, seq=scheme.seq)
         d = w - fake_quantize(w, scale, zero, scheme.bits, scheme.symmetric, scheme.group_size)
         err = torch.empty_like(best_err)
         for o in range(0, out_f, chunk):
@@ -263,6 +264,7 @@ def _clip_and_install(runner: BlockRunner, names: list[str], plan: dict[str, Qua
             if n in scaled_inputs:
                 inv = (1.0 / scaled_inputs[n].float()).reshape(bm.shape[0], -1)
                 bm = bm * inv.unsqueeze(2) * inv.unsqueeze(1)
-            ratio = search_clip(w, bm, scheme, opts.clip_grid, opts.clip_min)
-        scale, zero = minmax_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric, ratio)
+            grid, lo = (SEQ_CLIP_GRID, SEQ_MIN_CLIP) if scheme.seq else (MSE_CLIP_GRID, 0.5)
+            ratio = search_clip(w, bm, scheme, opts.clip_grid or grid, opts.clip_min or lo)
+        scale, zero = minmax_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric, ratio, scheme.seq)
         install_quantized(runner.model, n, scheme, scale, zero)

@@ -367,7 +367,7 @@ def install_quantized(
     parent = model.get_submodule(parent_name) if parent_name else model
     layer = getattr(parent, attr)
     if not isinstance(layer, QATLinear):
-        layer = QATLinear.from_linear(layer, QuantScheme(scheme.bits, scheme.group_size, scheme.symmetric, "minmax"), name)
+        layer = QATLinear.from_linear(layer, QuantScheme(scheme.bits, scheme.group_size, scheme.symmetric, "minmax", grid=scheme.grid), name)
         layer.scheme = scheme
         setattr(parent, attr, layer)
     layer.set_qparams(scale.to(layer.weight.device), zero.to(layer.weight.device), None if weight is None else weight.to(layer.weight))

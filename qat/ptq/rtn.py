@@ -22,8 +22,8 @@ def rtn_qparams(w: Tensor, scheme: QuantScheme, clip: str = "minmax", group_size
     g = scheme.group_size if group_size == -1 else group_size
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()  # the grid is computed in at least float32
-    ratio = mse_clip_ratio(w, scheme.bits, g, scheme.symmetric) if clip == "mse" else None
-    return minmax_qparams(w, scheme.bits, g, scheme.symmetric, ratio)
+    ratio = mse_clip_ratio(w, scheme.bits, g, scheme.symmetric, seq=scheme.seq) if clip == "mse" else None
+    return minmax_qparams(w, scheme.bits, g, scheme.symmetric, ratio, scheme.seq)
 
 
 @torch.no_grad()

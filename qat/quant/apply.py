@@ -151,6 +151,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> dict
             "bits": s.bits,
             "group_size": s.group_size,
             "symmetric": s.symmetric,
+            "grid": s.grid,
             "frozen": layer.frozen,
             "act_bits": s.act_bits,
             "_qweight": qw,
@@ -178,11 +179,11 @@ def reinit_qparams(model: nn.Module) -> int:
         s = layer.scheme
         w = layer.weight.detach().float()
         if s.scale_init == "mse":
-            ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric)
+            ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric, seq=s.seq)
         else:
             ratio = torch.ones((layer.out_features, layer.in_features // (s.group_size or layer.in_features)), device=w.device)
         if s.learnable:
-            scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio)
+            scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio, s.seq)
             layer.weight_scale.copy_(scale)
             layer.weight_zero_point.copy_(zero)
         else:

@@ -71,9 +71,9 @@ def _grid_dtype(w: Tensor) -> Tensor:
     return w.float() if w.dtype in (torch.float16, torch.bfloat16) else w  # grid in >= fp32
 
 
-def _dynamic_fwd(w: Tensor, clip_ratio: Tensor, bits: int, symmetric: bool, group_size: int | None, out_dtype: torch.dtype):
+def _dynamic_fwd(w: Tensor, clip_ratio: Tensor, bits: int, symmetric: bool, group_size: int | None, out_dtype: torch.dtype, seq: bool):
     wf = _grid_dtype(w)
-    scale, zero = grid.minmax_qparams_unchecked(wf, bits, group_size, symmetric, clip_ratio)
+    scale, zero = grid.minmax_qparams_unchecked(wf, bits, group_size, symmetric, clip_ratio, seq)
     y, mask = grid.fake_quantize_masked(wf, scale, zero, bits, symmetric, group_size)
     return y.to(out_dtype), mask
 
@@ -109,8 +109,8 @@ class _DynamicFakeQuant(torch.autograd.Function):
     """Qparams from the (detached) weight's group range, fake-quant, STE: ``dy/dw = mask``."""
 
     @staticmethod
-    def forward(ctx, w, clip_ratio, bits, symmetric, group_size, out_dtype, compiled):
-        y, mask = _run("dynamic_fwd", compiled, w, clip_ratio, bits, symmetric, group_size, out_dtype)
+    def forward(ctx, w, clip_ratio, bits, symmetric, group_size, out_dtype, compiled, seq):
+        y, mask = _run("dynamic_fwd", compiled, w, clip_ratio, bits, symmetric, group_size, out_dtype, seq)
         ctx.save_for_backward(mask if ctx.needs_input_grad[0] else None)
         # eager forms the grad in the grid dtype (float32 at least), then autograd casts it to w's
         ctx.ref_dtype, ctx.w_dtype, ctx.compiled = _grid_dtype(w).dtype, w.dtype, compiled
@@ -120,7 +120,7 @@ class _DynamicFakeQuant(torch.autograd.Function):
     def backward(ctx, gy):
         (mask,) = ctx.saved_tensors
         gw = _run("ste_bwd", ctx.compiled, gy, mask, ctx.ref_dtype, ctx.w_dtype) if ctx.needs_input_grad[0] else None
-        return gw, None, None, None, None, None, None
+        return gw, None, None, None, None, None, None, None
 
 
 class _GivenFakeQuant(torch.autograd.Function):
@@ -150,11 +150,18 @@ class _GivenFakeQuant(torch.autograd.Function):
 
 
 def dynamic_fake_quant(
-    w: Tensor, clip_ratio: Tensor, bits: int, symmetric: bool, group_size: int | None, out_dtype: torch.dtype, compiled: bool = True
+    w: Tensor,
+    clip_ratio: Tensor,
+    bits: int,
+    symmetric: bool,
+    group_size: int | None,
+    out_dtype: torch.dtype,
+    compiled: bool = True,
+    seq: bool = False,
 ) -> Tensor:
-    """``fake_quantize_ste(w, *minmax_qparams(w.detach(), ..., clip_ratio), ...).to(out_dtype)``
+    """``fake_quantize_ste(w, *minmax_qparams(w.detach(), ..., clip_ratio, seq), ...).to(out_dtype)``
     in one pass (the *dynamic* mode of ``QATLinear``)."""
-    return _DynamicFakeQuant.apply(w, clip_ratio, bits, symmetric, group_size, out_dtype, compiled)
+    return _DynamicFakeQuant.apply(w, clip_ratio, bits, symmetric, group_size, out_dtype, compiled, seq)
 
 
 def given_fake_quant(

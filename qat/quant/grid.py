@@ -12,6 +12,11 @@ Numerics follow compressed-tensors (what vLLM serves):
 ``absmax / ((qmax - qmin) / 2)`` (so int4 uses absmax / 7.5 and all 16 codes), asymmetric
 ``(max - min) / (qmax - qmin)`` with the range widened to include 0; a zero scale becomes the
 dtype's eps. ``fake_quantize(w) == dequantize(quantize(w))`` bit for bit.
+
+SEQ (``seq=True``, ParetoQ's stretched elastic grid) is the asymmetric grid with the zero-point
+fixed at ``(qmax + qmin) / 2`` (1.5 at 2 bits) and the symmetric scale ``absmax / ((qmax - qmin) / 2)``:
+its levels are symmetric about 0 with no zero level. Only the qparams differ; quantize,
+dequantize and the STE take its half-integer zero-point as they take any other.
 """
 
 from __future__ import annotations
@@ -41,6 +46,10 @@ __all__ = [
 ]
 
 MSE_CLIP_GRID = 20  # clip ratios 1.0, 0.975, ..., 0.525 searched by the `mse` scale init
+# SEQ's grid has no zero level and fits the bulk of a group: at W2g64 on llama-small the best outer
+# level sits at a median 0.575 of the group's absmax and 18 % of groups want less than 0.5, so its
+# search goes on to 0.325 (same 0.025 step)
+SEQ_MIN_CLIP, SEQ_CLIP_GRID = 0.3, 28
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -78,11 +87,13 @@ def minmax_qparams(
     group_size: int | None,
     symmetric: bool,
     clip_ratio: Tensor | float | None = None,
+    seq: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Scale and zero-point per (row, group) from the group's range, optionally shrunk by
-    ``clip_ratio`` (a scalar or a ``[out, n_groups]`` tensor in (0, 1])."""
+    ``clip_ratio`` (a scalar or a ``[out, n_groups]`` tensor in (0, 1]); ``seq``: SEQ's grid
+    (needs ``symmetric=False``)."""
     check_finite(w)
-    return minmax_qparams_unchecked(w, bits, group_size, symmetric, clip_ratio)
+    return minmax_qparams_unchecked(w, bits, group_size, symmetric, clip_ratio, seq)
 
 
 def minmax_qparams_unchecked(
@@ -91,9 +102,12 @@ def minmax_qparams_unchecked(
     group_size: int | None,
     symmetric: bool,
     clip_ratio: Tensor | float | None = None,
+    seq: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``minmax_qparams`` without the finiteness check (which syncs a GPU with the host): the
     body the fused training kernels compile (``qat/quant/fused.py``). Same values, bit for bit."""
+    if seq and symmetric:
+        raise ValueError("the SEQ grid has unsigned codes around a half-integer zero-point: symmetric must be False")
     wg = group_view(w, group_size)
     lo = wg.amin(dim=-1).clamp(max=0)
     hi = wg.amax(dim=-1).clamp(min=0)
@@ -101,13 +115,13 @@ def minmax_qparams_unchecked(
         lo = lo * clip_ratio
         hi = hi * clip_ratio
     qmin, qmax = qrange(bits, symmetric)
-    if symmetric:
+    if symmetric or seq:
         scale = torch.maximum(lo.abs(), hi) / ((qmax - qmin) / 2)
-        zero = torch.zeros_like(scale)
+        zero = torch.full_like(scale, 0.0 if symmetric else (qmax + qmin) / 2)
     else:
         scale = (hi - lo) / (qmax - qmin)
     scale = torch.where(scale == 0, torch.full_like(scale, _eps(scale.dtype)), scale)
-    if not symmetric:
+    if not (symmetric or seq):
         # in compressed-tensors' signed domain, then shifted (bit-identical zero-points)
         off = _asym_offset(bits)
         zero = torch.round((qmin - off - lo / scale).clamp(qmin - off, qmax - off)) + off
@@ -142,17 +156,23 @@ def mse_clip_ratio(
     bits: int,
     group_size: int | None,
     symmetric: bool,
-    grid: int = MSE_CLIP_GRID,
-    min_ratio: float = 0.5,
+    grid: int | None = None,
+    min_ratio: float | None = None,
     norm: float = 2.0,
+    seq: bool = False,
 ) -> Tensor:
-    """Per-group clip ratio in ``[min_ratio, 1]`` minimising ``sum |w - Q(w)|^norm`` over the group."""
+    """Per-group clip ratio in ``[min_ratio, 1]`` minimising ``sum |w - Q(w)|^norm`` over the group
+    (``grid`` ratios, 1.0 first; defaults: ``MSE_CLIP_GRID`` from 0.5, SEQ's from ``SEQ_MIN_CLIP``)."""
+    if grid is None:
+        grid = SEQ_CLIP_GRID if seq else MSE_CLIP_GRID
+    if min_ratio is None:
+        min_ratio = SEQ_MIN_CLIP if seq else 0.5
     best_err = None
     best_ratio = None
     wg = group_view(w, group_size)
     for i in range(grid):
         r = 1.0 - (1.0 - min_ratio) * i / grid
-        scale, zero = minmax_qparams(w, bits, group_size, symmetric, clip_ratio=r)
+        scale, zero = minmax_qparams(w, bits, group_size, symmetric, clip_ratio=r, seq=seq)
         err = (fake_quantize(w, scale, zero, bits, symmetric, group_size) - w).abs().pow(norm)
         err = group_view(err, group_size).sum(-1)
         ratio = torch.full(err.shape, r, dtype=wg.dtype, device=w.device)

@@ -59,7 +59,7 @@ class QuantizedWeight:
 
     codes: Tensor  # int32 [out, in]
     scale: Tensor  # [out, n_groups]
-    zero_point: Tensor  # [out, n_groups], integer-valued (0 when symmetric)
+    zero_point: Tensor  # [out, n_groups], integer-valued (0 when symmetric), (2^b - 1) / 2 on SEQ's grid
     scheme: QuantScheme
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
@@ -97,13 +97,14 @@ class QATLinear(nn.Linear):
         s = self.scheme
         w = self.weight.detach().float()
         if s.scale_init == "mse":
-            ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric)
+            ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric, seq=s.seq)
         else:
             ratio = torch.ones(group_count(self), device=w.device)
         if s.learnable:
-            scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio)
+            scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio, s.seq)
             self.weight_scale = nn.Parameter(scale.to(self.weight.dtype))
-            self.weight_zero_point = nn.Parameter(zero.to(self.weight.dtype), requires_grad=not s.symmetric)
+            # trained on an asymmetric integer grid; fixed at 0 (symmetric) or (2^b - 1) / 2 (SEQ)
+            self.weight_zero_point = nn.Parameter(zero.to(self.weight.dtype), requires_grad=s.trains_zero_point)
         else:
             self.register_buffer("clip_ratio", ratio)
 
@@ -116,11 +117,13 @@ class QATLinear(nn.Linear):
             scale = positive(self.weight_scale)
             if s.lsq_grad_scale:
                 scale = scale_grad(scale, lsq_grad_factor(s.group_size or self.in_features, s.bits, s.symmetric))
+            if not s.trains_zero_point:
+                return scale, self.weight_zero_point
             return scale, round_ste(self.weight_zero_point).clamp(s.qmin, s.qmax)
         w = self.weight.detach()
         if w.dtype in (torch.float16, torch.bfloat16):
             w = w.float()  # the grid is computed in at least fp32
-        return minmax_qparams(w, s.bits, s.group_size, s.symmetric, self.clip_ratio)
+        return minmax_qparams(w, s.bits, s.group_size, s.symmetric, self.clip_ratio, s.seq)
 
     # -- forward -------------------------------------------------------------------------
     def fake_quantized_weight(self) -> Tensor:
@@ -144,7 +147,7 @@ class QATLinear(nn.Linear):
         s = self.scheme
         out_dtype = fused.forward_dtype(self.weight, device_type)
         if not (self.fixed or s.learnable):
-            return fused.dynamic_fake_quant(self.weight, self.clip_ratio, s.bits, s.symmetric, s.group_size, out_dtype, compiled)
+            return fused.dynamic_fake_quant(self.weight, self.clip_ratio, s.bits, s.symmetric, s.group_size, out_dtype, compiled, s.seq)
         scale, zero = self.qparams()
         return fused.given_fake_quant(self.weight, scale, zero, s.bits, s.symmetric, s.group_size, out_dtype, compiled)
 
@@ -207,7 +210,7 @@ class QATLinear(nn.Linear):
         s = self.scheme
         group = "channel" if s.group_size is None else f"g{s.group_size}"
         mode = "frozen" if self.frozen else "fixed" if self.fixed else "learnable" if s.learnable else "dynamic"
-        sym = "sym" if s.symmetric else "asym"
+        sym = "seq" if s.seq else "sym" if s.symmetric else "asym"
         act = f", a{s.act_bits}" if s.act_bits else ""
         return f"{super().extra_repr()}, w{s.bits} {group} {sym} {mode}{act}"
 

@@ -7,6 +7,10 @@ Conventions (those of compressed-tensors / GPTQ, i.e. of what vLLM serves):
 
 - ``symmetric``: signed codes in ``[-2^(b-1), 2^(b-1) - 1]``, zero-point 0.
 - asymmetric: unsigned codes in ``[0, 2^b - 1]`` with an integer zero-point in that range.
+- ``grid="seq"``: ParetoQ's stretched elastic grid (Liu et al. 2025, arXiv 2502.02631): unsigned
+  codes around a fixed half-integer zero-point ``(2^b - 1) / 2``, so the levels ``(q - z) * s`` are
+  symmetric about 0 with no zero level (at 2 bits ``{-1.5, -0.5, 0.5, 1.5} * s``). Integer
+  zero-point formats (compressed-tensors, GPTQ) cannot hold it; ``--format fake`` can.
 - ``group_size=None`` is per-channel (one scale per output row); otherwise one scale per
   (output row, group of ``group_size`` consecutive input columns).
 """
@@ -18,6 +22,7 @@ from typing import Literal
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SCALE_INITS = ("minmax", "mse")
+GRIDS = ("int", "seq")
 
 
 class QuantConfigError(ValueError):
@@ -33,6 +38,7 @@ class QuantScheme:
     learnable: bool = False
     act_bits: int | None = None
     lsq_grad_scale: bool = False  # learnable scales: LSQ's gradient scale 1 / sqrt(N * Qp)
+    grid: Literal["int", "seq"] = "int"  # "seq": zero-point fixed at (2^b - 1) / 2 (see the module docstring)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in SUPPORTED_BITS:
@@ -45,12 +51,25 @@ class QuantScheme:
             )
         if self.scale_init not in SCALE_INITS:
             raise QuantConfigError(f"scale_init must be one of {SCALE_INITS}, got {self.scale_init!r}")
+        if self.grid not in GRIDS:
+            raise QuantConfigError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.grid == "seq" and self.symmetric:
+            raise QuantConfigError("grid 'seq' has unsigned codes around the fixed zero-point (2^b - 1) / 2: it needs symmetric=False")
         if self.act_bits not in (None, 8):
             raise QuantConfigError(f"act_bits must be None or 8 (per-token int8), got {self.act_bits!r}")
 
     @property
     def granularity(self) -> str:
         return "channel" if self.group_size is None else "group"
+
+    @property
+    def seq(self) -> bool:
+        return self.grid == "seq"
+
+    @property
+    def trains_zero_point(self) -> bool:
+        """Learnable mode trains the zero-point of an asymmetric integer grid (SEQ's is fixed)."""
+        return self.learnable and not self.symmetric and not self.seq
 
     @property
     def qmin(self) -> int:

@@ -61,7 +61,7 @@ class LoRAQATLinear(QATLinear):
         w = self.merged_weight().detach()
         if w.dtype in (torch.float16, torch.bfloat16):
             w = w.float()
-        return minmax_qparams(w, s.bits, s.group_size, s.symmetric, self.clip_ratio)
+        return minmax_qparams(w, s.bits, s.group_size, s.symmetric, self.clip_ratio, s.seq)
 
     def fake_quantized_weight(self) -> Tensor:
         s = self.scheme
@@ -171,7 +171,7 @@ def init_base(layer: QATLinear, how: str, p, r_mat: Tensor | None) -> tuple[Tens
     ab = torch.zeros_like(w)
     for _ in range(p.loftq_iters):
         target = (w - ab).float()
-        scale, zero = minmax_qparams(target, s.bits, s.group_size, s.symmetric, ratio)
+        scale, zero = minmax_qparams(target, s.bits, s.group_size, s.symmetric, ratio, s.seq)
         base = fake_quantize(target, scale, zero, s.bits, s.symmetric, s.group_size)
         a, b, _ = lowrank_factors(w - base.double(), p.r)
         ab = b @ a
