@@ -103,7 +103,10 @@ def _resolve_grid(section, bits: int, fallback=None) -> None:
                 value = given
             setattr(section, key, value)
     if section.grid == "seq" and section.symmetric:
-        raise ValueError("symmetric: true does not go with grid: seq (SEQ's levels are symmetric about 0 by construction, on unsigned codes)")
+        raise ValueError(_SEQ_SYMMETRIC)
+
+
+_SEQ_SYMMETRIC = "symmetric: true does not go with grid: seq (SEQ's levels are symmetric about 0 by construction, on unsigned codes)"
 
 
 class QuantOverride(_Section):
@@ -121,6 +124,12 @@ class QuantOverride(_Section):
         if v is not None and v not in SUPPORTED_BITS:
             raise ValueError(f"must be one of {list(SUPPORTED_BITS)}")
         return v
+
+    @model_validator(mode="after")
+    def _seq_is_asymmetric(self):
+        if self.grid == "seq" and self.symmetric:
+            raise ValueError(_SEQ_SYMMETRIC)
+        return self
 
 
 class QuantSection(_Section):

@@ -23,6 +23,8 @@ SCHEMES = {
     "w2chan_sym": QuantScheme(bits=2, group_size=None),
     "w4g32sym_lsq": QuantScheme(bits=4, group_size=32, learnable=True),
     "w4g16asym_lsq": QuantScheme(bits=4, group_size=16, symmetric=False, learnable=True),
+    "w2g16seq_mse": QuantScheme(bits=2, group_size=16, symmetric=False, scale_init="mse", grid="seq"),
+    "w2g16seq_lsq": QuantScheme(bits=2, group_size=16, symmetric=False, learnable=True, grid="seq"),
 }
 PRECISIONS = ("fp32", "bf16-weights", "bf16-autocast")
 
@@ -92,6 +94,7 @@ def test_fused_function_matches_eager(name, precision):
         ("w3g16asym_mse", "bf16-weights", False),
         ("w4g16asym_lsq", "bf16-autocast", False),
         ("w4g32sym", "fp32", True),
+        ("w2g16seq_mse", "fp32", False),
     ],
 )
 def test_compiled_matches_eager_cpu(name, precision, fixed):
@@ -101,7 +104,7 @@ def test_compiled_matches_eager_cpu(name, precision, fixed):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (inductor's Triton kernels)")
-@pytest.mark.parametrize("name", ["w4g32sym", "w3g16asym_mse", "w4g16asym_lsq"])
+@pytest.mark.parametrize("name", ["w4g32sym", "w3g16asym_mse", "w4g16asym_lsq", "w2g16seq_mse"])
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_compiled_matches_eager_cuda(name, precision):
     layer = _layer(SCHEMES[name], precision, device="cuda")

@@ -42,6 +42,7 @@ class Case:
     symmetric: bool
     group_size: int | None
     scale_init: str
+    seq: bool = False  # SEQ's grid (asymmetric codes, zero-point (qmax + qmin) / 2)
 
     @property
     def qmin(self) -> int:
@@ -54,8 +55,8 @@ class Case:
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         ratio = None
         if self.scale_init == "mse":
-            ratio = mse_clip_ratio(self.w, self.bits, self.group_size, self.symmetric)
-        return minmax_qparams(self.w, self.bits, self.group_size, self.symmetric, ratio)
+            ratio = mse_clip_ratio(self.w, self.bits, self.group_size, self.symmetric, seq=self.seq)
+        return minmax_qparams(self.w, self.bits, self.group_size, self.symmetric, ratio, self.seq)
 
     def args(self):
         return self.bits, self.symmetric, self.group_size
@@ -75,6 +76,7 @@ def cases(draw) -> Case:
     sign = draw(st.sampled_from(["mixed", "positive", "negative"]))
     zero_frac = draw(st.sampled_from([0.0, 0.3]))
     outliers = draw(st.booleans())
+    seq = not symmetric and draw(st.booleans())
 
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out_features, group * n_groups, generator=g) * (10.0**log_mag)
@@ -86,7 +88,7 @@ def cases(draw) -> Case:
         w = torch.where(torch.rand(w.shape, generator=g) < 0.05, w * 25.0, w)
     if zero_frac:
         w = torch.where(torch.rand(w.shape, generator=g) < zero_frac, torch.zeros_like(w), w)
-    return Case(w, bits, symmetric, None if per_channel else group, scale_init)
+    return Case(w, bits, symmetric, None if per_channel else group, scale_init, seq)
 
 
 # --------------------------------------------------------------------------------------------
@@ -154,6 +156,13 @@ def test_zero_points_and_exact_zero(c: Case):
     scale, zero = c.qparams()
     n_groups = 1 if c.group_size is None else c.w.shape[1] // c.group_size
     assert scale.shape == zero.shape == (c.w.shape[0], n_groups)
+    if c.seq:  # a fixed half-integer zero-point: levels symmetric about 0, none at 0
+        assert torch.equal(zero, torch.full_like(zero, (c.qmax + c.qmin) / 2))
+        levels = (torch.arange(c.qmin, c.qmax + 1).float() - zero[0, 0]) * scale[0, 0]
+        assert torch.equal(levels, -levels.flip(0)) and (levels != 0).all()
+        w_hat = fake_quantize(c.w, scale, zero, *c.args())
+        assert ((w_hat / scale.repeat_interleave(c.w.shape[1] // scale.shape[1], 1)).abs() >= 0.5 - 1e-6).all()
+        return
     if c.symmetric:
         assert torch.equal(zero, torch.zeros_like(zero))
     else:
@@ -172,11 +181,11 @@ def test_zero_points_and_exact_zero(c: Case):
 @PROPERTY
 @given(cases())
 def test_mse_clip_ratio_never_worse_than_minmax(c: Case):
-    ratio = mse_clip_ratio(c.w, c.bits, c.group_size, c.symmetric)
-    assert ratio.min().item() >= 0.5 and ratio.max().item() <= 1.0
+    ratio = mse_clip_ratio(c.w, c.bits, c.group_size, c.symmetric, seq=c.seq)
+    assert ratio.min().item() >= (0.3 if c.seq else 0.5) and ratio.max().item() <= 1.0
 
     def group_err(r):
-        s, z = minmax_qparams(c.w, c.bits, c.group_size, c.symmetric, r)
+        s, z = minmax_qparams(c.w, c.bits, c.group_size, c.symmetric, r, c.seq)
         e = (fake_quantize(c.w, s, z, *c.args()) - c.w).pow(2)
         return group_view(e, c.group_size).sum(-1)
 
@@ -542,3 +551,45 @@ def test_scheme_properties_and_check_layer():
     QuantScheme(group_size=None).check_layer("any", 97)
     with pytest.raises(Exception):
         s.bits = 4  # frozen dataclass
+
+
+# --------------------------------------------------------------------------------------------
+# SEQ's grid (ParetoQ's stretched elastic quantizer)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_seq_levels_are_paretoq_half_integers_and_the_absmax_is_the_outer_level(bits):
+    w = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    scale, zero = minmax_qparams(w, bits, 32, False, seq=True)
+    half = (2**bits - 1) / 2
+    assert torch.equal(zero, torch.full_like(zero, half))
+    torch.testing.assert_close(scale, group_view(w, 32).abs().amax(-1) / half)  # absmax / 1.5 at 2 bits
+    steps = fake_quantize(w, scale, zero, bits, False, 32) / scale.repeat_interleave(32, 1)
+    assert (steps - torch.round(steps * 2) / 2).abs().max() < 1e-5  # half-integers, up to the division's ulp
+    assert torch.equal((torch.round(steps * 2) / 2).unique(), torch.arange(-half, half + 1))  # {-1.5, -0.5, 0.5, 1.5} at 2 bits
+    # the group's absmax lands on the outer level itself (unclipped), which an integer grid cannot
+    # do for both signs
+    top = group_view(w, 32).abs().argmax(-1, keepdim=True)
+    w_top, w_hat_top = (group_view(t, 32).gather(-1, top) for t in (w, fake_quantize(w, scale, zero, bits, False, 32)))
+    torch.testing.assert_close(w_hat_top, w_top)
+
+
+def test_seq_clip_search_goes_below_one_half_for_a_group_with_an_outlier():
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(1)) * 0.1
+    w[:, 0] = 5.0  # one outlier per row: the best 2-bit grid gives it up and fits the bulk
+    ratio = mse_clip_ratio(w, 2, 64, False, seq=True)
+    assert (ratio < 0.5).all() and (ratio >= 0.3).all()
+    assert (mse_clip_ratio(w, 2, 64, False) >= 0.5).all()  # the integer grid's search stops at 0.5
+
+
+def test_seq_needs_asymmetric_codes():
+    with pytest.raises(QuantConfigError, match="symmetric=False"):
+        QuantScheme(bits=2, symmetric=True, grid="seq")
+    with pytest.raises(QuantConfigError, match="grid must be one of"):
+        QuantScheme(bits=2, symmetric=False, grid="nf")
+    with pytest.raises(ValueError, match="symmetric must be False"):
+        minmax_qparams(torch.ones(2, 8), 2, 8, True, seq=True)
+    s = QuantScheme(bits=2, symmetric=False, learnable=True, grid="seq")
+    assert s.seq and not s.trains_zero_point
+    assert QuantScheme(bits=2, symmetric=False, learnable=True).trains_zero_point

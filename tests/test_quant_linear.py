@@ -17,6 +17,7 @@ SCHEMES = {
     "w3chan_asym_mse": QuantScheme(bits=3, group_size=None, symmetric=False, scale_init="mse"),
     "w2g32sym_mse": QuantScheme(bits=2, group_size=32, symmetric=True, scale_init="mse"),
     "w8g64asym": QuantScheme(bits=8, group_size=64, symmetric=False),
+    "w2g16seq_mse": QuantScheme(bits=2, group_size=16, symmetric=False, scale_init="mse", grid="seq"),
 }
 
 
@@ -340,3 +341,23 @@ def test_from_linear_rejects_non_finite_weights(bad):
 def test_from_linear_rejects_non_dividing_group():
     with pytest.raises(QuantConfigError, match=r"layer 'blk\.fc': group_size 32 does not divide in_features 40"):
         QATLinear.from_linear(nn.Linear(40, 8), SCHEMES["w4g32sym"], "blk.fc")
+
+
+def test_seq_learnable_layer_trains_its_scales_and_keeps_its_half_integer_zero_point():
+    layer = QATLinear.from_linear(_linear(), QuantScheme(bits=2, group_size=16, symmetric=False, learnable=True, grid="seq"), "fc")
+    assert not layer.weight_zero_point.requires_grad and torch.equal(layer.weight_zero_point, torch.full_like(layer.weight_zero_point, 1.5))
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=1e-2)
+    scale0 = layer.weight_scale.detach().clone()
+    target = _linear(seed=3)
+    for _ in range(5):
+        x = _x(8, 64)
+        loss = (layer(x) - target(x).detach()).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not torch.equal(layer.weight_scale, scale0)  # LSQ trained the scales
+    assert torch.equal(layer.weight_zero_point, torch.full_like(layer.weight_zero_point, 1.5))  # the grid's centre did not move
+    qw = layer.quantized_weight()
+    assert torch.equal(qw.zero_point, torch.full_like(qw.zero_point, 1.5)) and qw.codes.min() >= 0 and qw.codes.max() <= 3
+    torch.testing.assert_close(layer(_x(2, 64)), F.linear(_x(2, 64), qw.dequantize(), layer.bias))
+    assert "w2 g16 seq learnable" in repr(layer)

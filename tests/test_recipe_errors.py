@@ -102,6 +102,9 @@ HAND_CASES = [
     ("override-unknown-key", ["quant.overrides=[{pattern: mlp, bitz: 3}]"], "quant.overrides.0.bitz", "unknown key"),
     ("override-no-pattern", ["quant.overrides=[{bits: 3}]"], "quant.overrides.0.pattern", "required key is missing"),
     ("act-bits-4", ["quant.act_bits=4"], "quant.act_bits", "Input should be 8"),
+    ("grid-unknown", ["quant.grid=nf4"], "quant.grid", "'int' or 'seq'"),
+    ("grid-seq-symmetric", ["quant.grid=seq", "quant.symmetric=true"], "quant", "symmetric: true does not go with grid: seq"),
+    ("override-grid-seq-symmetric", ["quant.overrides=[{pattern: mlp, grid: seq, symmetric: true}]"], "quant.overrides.0", "does not go with grid: seq"),
     ("lr-inf", ["train.lr=.inf"], "train.lr", "finite number"),
     ("lr-nan", ["train.lr=.nan"], "train.lr", "finite number"),
     ("betas-one", ["train.betas=[0.9]"], "train.betas", "required key is missing"),
@@ -409,3 +412,18 @@ def test_an_override_takes_the_defaults_of_its_own_bits_and_recipe_yaml_keeps_th
     for quant in (q, pinned):
         again = validate({**_MINIMAL, "quant": quant.model_dump()}).quant
         assert again.layer_schemes() == quant.layer_schemes() and again.scheme() == quant.scheme()
+
+
+def test_quant_grid_seq_resolves_asymmetric_and_recipe_yaml_keeps_it():
+    """quant.grid: seq (ParetoQ's SEQ) makes a null quant.symmetric false (its codes are unsigned around
+    a fixed half-integer zero-point), in the overrides too; the default grid is the integer one."""
+    from qat.recipe import validate
+
+    assert validate({**_MINIMAL, "quant": {"bits": 2}}).quant.scheme().grid == "int"
+    ov = [{"pattern": "mlp", "bits": 4}, {"pattern": "k_proj", "grid": "int"}]
+    q = validate({**_MINIMAL, "quant": {"bits": 2, "grid": "seq", "overrides": ov}}).quant
+    assert (q.scheme().grid, q.scheme().symmetric, q.scheme().learnable) == ("seq", False, True)
+    got = {p: (s.bits, s.grid, s.symmetric) for p, s in q.layer_schemes()}
+    assert got == {"mlp": (4, "seq", False), "k_proj": (2, "int", False)}
+    again = validate({**_MINIMAL, "quant": q.model_dump()}).quant
+    assert again.layer_schemes() == q.layer_schemes() and again.scheme() == q.scheme()
