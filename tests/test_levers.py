@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from qat.cli import main
 from qat.quant import apply_freeze, qat_linears, quantize_model
 from qat.quant.apply import reinit_qparams, set_fake_quant
+from qat.quant.grid import group_view
 from qat.quant.scheme import QuantScheme
 from tests.conftest import make_tiny_llama
 
@@ -221,3 +222,42 @@ def test_init_from_gptq_starts_at_the_gptq_model(tmp_path):
     # a run at another bit width is refused, naming the key
     assert main(["train", TINY, f"output_dir={tmp_path}/w3", *FAST, "train.max_steps=0", "quant.bits=3", f"quant.init_from={ptq}"]) == 2
     assert not (tmp_path / "w3").exists()
+
+
+@needs_fixtures
+def test_seq_grid_end_to_end_ptq_init_from_train_and_export(tmp_path, capsys):
+    """quant.grid: seq through every path: a GPTQ run on it, QAT starting from that run (step 0 is the
+    GPTQ model, learnable and dynamic), a few QAT steps with the loss falling and the trained layers
+    on the grid, and export: fake round-trips, the integer zero-point formats refuse with the reason."""
+    seq = ["quant.bits=2", "quant.grid=seq", "quant.group_size=64", "quant.symmetric=null"]  # the tiny recipe says true
+    ptq = tmp_path / "gptq"
+    assert main(["ptq", TINY, "--method", "gptq", f"output_dir={ptq}", *FAST[:3], *seq, "train.max_steps=4", "data.valid_files=null"]) == 0
+    layers = json.loads((ptq / "final" / "qat_quant.json").read_text())["layers"]
+    ref, ref_qp = weights(ptq), load_file(str(ptq / "final" / "qat_qparams.safetensors"))
+    assert len(layers) == 28 and all(i["grid"] == "seq" and not i["symmetric"] for i in layers.values())
+    assert all(torch.equal(z, torch.full_like(z, 1.5)) for k, z in ref_qp.items() if k.endswith("zero_point"))
+    for extra in (["quant.learnable=true"], ["quant.learnable=false"]):
+        got = weights(run(tmp_path / f"init-{extra[0][-4:]}", *seq, *extra, "train.max_steps=0", f"quant.init_from={ptq}"))
+        for n in layers:
+            torch.testing.assert_close(got[f"{n}.weight"], ref[f"{n}.weight"], rtol=1e-6, atol=1e-7)
+    assert main(["train", TINY, f"output_dir={tmp_path}/int", *FAST, "train.max_steps=0", "quant.bits=2", f"quant.init_from={ptq}"]) == 2
+    assert "grid seq" in capsys.readouterr().err and not (tmp_path / "int").exists()
+
+    out = run(tmp_path / "qat", *seq, "train.max_steps=6", "train.warmup_steps=1")
+    loss = losses(out)
+    assert loss[-1] < loss[0], loss
+    w, qp = weights(out), load_file(str(out / "final" / "qat_qparams.safetensors"))
+    for n in layers:
+        s, z = qp[f"{n}.weight_scale"], qp[f"{n}.weight_zero_point"]
+        steps = group_view(w[f"{n}.weight"].float(), 64) / s.float().unsqueeze(-1)  # final/ is bf16: 1.5 * s rounds
+        assert torch.equal(z, torch.full_like(z, 1.5)) and (steps - (torch.round(steps * 2) / 2)).abs().max() < 1e-2, n
+        assert set((torch.round(steps * 2) / 2).unique().tolist()) <= {-1.5, -0.5, 0.5, 1.5}, n
+    for fmt in ("compressed-tensors", "gptq"):
+        dest = tmp_path / f"export-{fmt}"
+        assert main(["export", str(out), "--format", fmt, "--out", str(dest), "--any-bits"][: 6 if fmt == "gptq" else 7]) == 2
+        err = capsys.readouterr().err
+        assert "SEQ's grid" in err and "--format fake" in err and not dest.exists(), err
+    assert main(["export", str(out), "--format", "fake", "--out", str(tmp_path / "fake")]) == 0
+    assert json.loads((tmp_path / "fake" / "qat_quant.json").read_text())["layers"] == json.loads((out / "final" / "qat_quant.json").read_text())["layers"]
+    fake = load_file(str(tmp_path / "fake" / "model.safetensors"))
+    assert all(torch.equal(fake[f"{n}.weight"], w[f"{n}.weight"]) for n in layers)

@@ -51,6 +51,12 @@ def check_servable(layers: dict[str, dict], fmt: str, any_bits: bool = False) ->
     """Refuse schemes a serving engine cannot take, naming the layers, and offer --format fake.
     ``any_bits``: allow int2/int3 (packed densely by compressed-tensors 0.20 and loaded back by
     transformers, but no vLLM kernel takes them; the int3 layout changed in compressed-tensors 2026)."""
+    seq = [n for n, i in layers.items() if i.get("grid") == "seq"]
+    if seq:
+        raise ExportError(
+            f"{fmt}: {len(seq)} layers are on SEQ's grid (quant.grid: seq), whose zero-point (2^b - 1) / 2 is a half-integer; "
+            f"{fmt} stores integer zero-points. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}."
+        )
     bad_bits = {} if any_bits else {n: i["bits"] for n, i in layers.items() if i["bits"] not in SERVABLE_BITS}
     if bad_bits:
         bits = sorted(set(bad_bits.values()))
@@ -60,12 +66,6 @@ def check_servable(layers: dict[str, dict], fmt: str, any_bits: bool = False) ->
             f"{fmt}: {len(bad_bits)} of {len(layers)} quantized layers are int{'/int'.join(map(str, bits))}"
             f"{' (mixed precision)' if mixed else ''}, e.g. {shown}; serving engines (vLLM's compressed-tensors "
             f"and GPTQ kernels) take int4 and int8 weights only. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}."
-        )
-    seq = [n for n, i in layers.items() if i.get("grid") == "seq"]
-    if seq:
-        raise ExportError(
-            f"{fmt}: {len(seq)} layers are on SEQ's grid (quant.grid: seq), whose zero-point (2^b - 1) / 2 is a half-integer; "
-            f"{fmt} stores integer zero-points. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}."
         )
     act = [n for n, i in layers.items() if i.get("act_bits")]
     if act:
