@@ -28,9 +28,11 @@ def _recipe(**peft):
     return SimpleNamespace(peft=PeftSection(**peft))
 
 
-def _quantized(seed=0, learnable=False):
+def _quantized(seed=0, learnable=False, grid="int"):
+    """W4g32 symmetric on the integer grid; W2g32 on SEQ's grid."""
     model = make_tiny_llama(seed)
-    quantize_model(model, QuantScheme(4, 32, True, "minmax", learnable))
+    seq = grid == "seq"
+    quantize_model(model, QuantScheme(2 if seq else 4, 32, not seq, "minmax", learnable, grid=grid))
     return model
 
 
@@ -39,11 +41,12 @@ def _ids(n=2, t=16, seed=1):
 
 
 # -- (b) merged-weight QAT -----------------------------------------------------------------
+@pytest.mark.parametrize("grid", ["int", "seq"])
 @pytest.mark.parametrize("learnable", [False, True])
-def test_merged_requantized_model_reproduces_trained_logits_exactly(tmp_path, learnable):
+def test_merged_requantized_model_reproduces_trained_logits_exactly(tmp_path, learnable, grid):
     from transformers import AutoModelForCausalLM
 
-    model = apply_lora(_quantized(learnable=learnable), _recipe(mode="merged", r=4, alpha=8))
+    model = apply_lora(_quantized(learnable=learnable, grid=grid), _recipe(mode="merged", r=4, alpha=8))
     layers = [m for m in model.modules() if isinstance(m, LoRAQATLinear)]
     assert len(layers) == 14 and all(m.lora_scaling == 2.0 for m in layers)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -66,14 +69,16 @@ def test_merged_requantized_model_reproduces_trained_logits_exactly(tmp_path, le
         assert torch.equal(final(input_ids=ids).logits, trained)
 
 
-def test_merged_forward_quantizes_w_plus_scaled_ba():
-    model = apply_lora(_quantized(), _recipe(mode="merged", r=2, alpha=4))
+@pytest.mark.parametrize("grid", ["int", "seq"])
+def test_merged_forward_quantizes_w_plus_scaled_ba(grid):
+    model = apply_lora(_quantized(grid=grid), _recipe(mode="merged", r=2, alpha=4))
     layer = next(m for m in model.modules() if isinstance(m, LoRAQATLinear))
     with torch.no_grad():
         layer.lora_B.normal_()
     w = layer.weight + 2.0 * layer.lora_B @ layer.lora_A
     s = layer.scheme
-    scale, zero = minmax_qparams(w.detach(), s.bits, s.group_size, s.symmetric, layer.clip_ratio)
+    scale, zero = minmax_qparams(w.detach(), s.bits, s.group_size, s.symmetric, layer.clip_ratio, s.seq)
+    assert torch.equal(zero, torch.full_like(zero, 1.5 if grid == "seq" else 0.0))
     assert torch.equal(layer.fake_quantized_weight(), fake_quantize(w.detach(), scale, zero, s.bits, s.symmetric, s.group_size))
 
 
@@ -94,7 +99,8 @@ def _out_err(model, ref, ids):
         return (model(input_ids=ids).logits - ref(input_ids=ids).logits).pow(2).mean().item()
 
 
-def test_separate_base_frozen_on_grid_and_inits():
+@pytest.mark.parametrize("grid", ["int", "seq"])
+def test_separate_base_frozen_on_grid_and_inits(grid):
     from qat.data import TokenBlocks
 
     ref = make_tiny_llama(0)
@@ -102,7 +108,7 @@ def test_separate_base_frozen_on_grid_and_inits():
     calib = TokenBlocks(_ids(16, 32, seed=4))
     errs = {}
     for init in ("gaussian", "loftq", "qera"):
-        model = apply_lora(_quantized(), _recipe(mode="separate", r=8, alpha=8, init=init), calib=calib)
+        model = apply_lora(_quantized(grid=grid), _recipe(mode="separate", r=8, alpha=8, init=init), calib=calib)
         inner = model.base_model.model
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert trainable and all("lora_" in n for n in trainable)
@@ -111,7 +117,7 @@ def test_separate_base_frozen_on_grid_and_inits():
             assert torch.equal(layer.fake_quantized_weight(), layer.weight)
         errs[init] = _out_err(model, ref, ids)
     # gaussian starts at the quantized base (B = 0); loftq and qera start closer to the FP model
-    base = _quantized()
+    base = _quantized(grid=grid)
     for layer in qat_linears(base).values():
         layer.freeze()
     assert errs["gaussian"] == pytest.approx(_out_err(base, ref, ids), rel=1e-5)
