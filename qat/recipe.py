@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .quant.scheme import SUPPORTED_BITS, QuantScheme
 
@@ -206,22 +206,36 @@ class QuantSection(_Section):
         return out
 
 
+def default_freeze_policy(quant: "QuantSection | None", peft) -> str:
+    """What a null ``freeze.policy`` means: ov-freeze at 4 bits and up, none below (and without a
+    quant section, and with LoRA-QAT). From the llama-small runs (benchmarks/RESULTS.md,
+    2026-11-30, ppl/FP over 2 seeds): at W4g128 ov-freeze from step 0 gave 1.0218 / 1.0223 and KL to
+    the teacher 0.056 / 0.057 against 1.0225 / 1.0253 and 0.063 / 0.065 without; at W3g128 it was
+    within noise (1.0702 vs 1.0690 / 1.0724), at W2g64 worse (1.5737 vs 1.5092, 30-step screen)."""
+    return "ov-freeze" if quant is not None and quant.bits >= 4 and peft is None else "none"
+
+
 class FreezeSection(_Section):
-    policy: Literal["none", "ov-freeze", "custom"] = "none"
+    policy: Literal["none", "ov-freeze", "custom"] | None = Field(
+        None,
+        description="null: ov-freeze at 4 bits and up (none on models without o_proj / v_proj), none below 4 bits, "
+        "without quant and with peft (default_freeze_policy)",
+    )
     patterns: list[str] | None = None
     start_step: int = Field(0, ge=0, description="freeze at this optimizer step (the layers train under fake-quant until then); 0: from the start")
     scales: bool = Field(True, description="false: freeze the weights only, the learnable scales (quant.learnable) keep training")
 
     _lists = field_validator("patterns", mode="before")(_as_list)
 
+    # the policy came from default_freeze_policy: on a model without its layers it becomes none
+    _by_default: bool = PrivateAttr(False)
+
     @model_validator(mode="after")
     def _custom(self):
         if self.policy == "custom" and not self.patterns:
             raise ValueError("freeze.policy 'custom' needs freeze.patterns (a list of regexes)")
-        if self.policy == "none" and self.patterns:
-            raise ValueError("freeze.patterns given but freeze.policy is 'none'")
-        if self.policy == "none" and (self.start_step or not self.scales):
-            raise ValueError("freeze.policy: freeze.start_step / freeze.scales need a freeze policy (policy is 'none')")
+        if self.policy in ("none", None) and self.patterns:
+            raise ValueError(f"freeze.patterns given but freeze.policy is {self.policy or 'null'} (set it to custom or ov-freeze)")
         return self
 
 
@@ -468,6 +482,11 @@ class Recipe(_Section):
             raise ValueError(f"distill.loss: {self.distill.loss} is infinite against a top-k teacher (zero outside its k ids); use forward_kl or jsd with distill.teacher_cache")
         if self.peft is not None and self.quant is None:
             raise ValueError("peft: LoRA-QAT needs a quant section (quant is null)")
+        if self.freeze.policy is None:
+            self.freeze.policy = default_freeze_policy(self.quant, self.peft)
+            self.freeze._by_default = True
+        if self.freeze.policy == "none" and (self.freeze.start_step or not self.freeze.scales):
+            raise ValueError("freeze.policy: freeze.start_step / freeze.scales need a freeze policy (policy is 'none')")
         if not self.freeze.scales and (self.quant is None or not self.quant.learnable):
             raise ValueError("freeze.scales: false (weights frozen, scales trained) needs quant.learnable: true")
         if self.peft is not None and (self.freeze.start_step or (self.quant is not None and self.quant.start_step)):

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 from ..io.models import first_line
 from ..quant import QuantReport, apply_freeze, quantize_model
 from ..quant.apply import reinit_qparams, set_fake_quant, set_kernel
+from ..quant.freeze import OV_PATTERNS
 from ..quant.scheme import QuantConfigError, QuantScheme
 from ..recipe import Recipe, RecipeError
 from .init_from import check_layers, load_quantized_start
@@ -28,6 +29,10 @@ def dry_run_quant(recipe: Recipe, config) -> None:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     except (ValueError, TypeError, KeyError) as e:
         raise RecipeError(f"{'model.path' if recipe.model.path else 'model.config'}: cannot build the model: {first_line(e)}") from None
+    f = recipe.freeze
+    if f._by_default and f.policy == "ov-freeze" and not all(any(re.search(p, n) for n, m in model.named_modules() if isinstance(m, nn.Linear)) for p in OV_PATTERNS):
+        f.policy = "none"  # before recipe.yaml is written: a resume resolves the same way
+        print("freeze.policy: null would be ov-freeze at this bit width, but the model has no o_proj / v_proj Linear layers: nothing is frozen")
     try:
         report, _ = build_student_quant(model, recipe, at_step=math.inf)  # a delayed freeze policy is checked too
     except QuantConfigError as e:
