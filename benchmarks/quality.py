@@ -6,8 +6,9 @@ blocks, same held-out tokens for the layer errors):
 
 - the FP teacher, and the PTQ baselines RTN, GPTQ, AWQ, QERA-exact on GPTQ (``ptq.qera.base:
   gptq``), calibrated on the QAT run's training tokens (the same data budget);
-- the QAT rows (``MAIN``): CE only, KD (the default recipe), KD + ov-freeze, and KD with the
-  defaults before 2026-11-30 (dynamic min-max scales);
+- the QAT rows (``MAIN``): CE only, KD (the default recipe), KD with the other freeze policy than
+  the bit width's default (ov-freeze at 4 bits and up, none below), and KD with the defaults before
+  2026-11-30 (dynamic min-max scales);
 - with ``--levers``, one lever at a time on top of the KD recipe (``levers``), at the bit widths
   given by ``--lever-bits``.
 
@@ -48,7 +49,8 @@ BUDGET_CAP = 4_100_000  # the issue's data budget: at most 4.1 M training tokens
 MAIN = {
     "qat-ce": lambda ctx: ["distill.kd_weight=0", "distill.ce_weight=1"],  # the teacher only evaluates
     "qat-kd": lambda ctx: [],
-    "qat-kd-ovfreeze": lambda ctx: ["freeze.policy=ov-freeze"],
+    "qat-kd-ovfreeze": lambda ctx: ["freeze.policy=ov-freeze"],  # a row where it is not the default (below 4 bits)
+    "qat-kd-no-freeze": lambda ctx: ["freeze.policy=none"],  # a row where ov-freeze is the default (4 bits and up)
     # the defaults before 2026-11-30 (min-max qparams recomputed every step): what the new defaults,
     # MSE-searched clipping as the start and LSQ-trained scales, are worth
     "qat-kd-old-defaults": lambda ctx: ["quant.scale_init=minmax", "quant.learnable=false"],
@@ -61,11 +63,12 @@ PTQ_BASE = ["quant.scale_init=minmax"]
 def levers(ctx: dict) -> dict[str, list[str]]:
     """One lever at a time on top of QAT + KD (the bit width's defaults, `ctx`: its learnable and symmetric)."""
     n = max(4, ctx["steps"])
-    learnable, symmetric = ctx["learnable"], ctx["symmetric"]  # the defaults at this bit width
+    learnable, symmetric, grid = ctx["learnable"], ctx["symmetric"], ctx["grid"]  # the defaults at this bit width
     out = {
         "dynamic scales (no LSQ)" if learnable else "learnable (LSQ) scales": [f"quant.learnable={str(not learnable).lower()}"],
         "min-max scale init": ["quant.scale_init=minmax"],
         "asymmetric grid" if symmetric else "symmetric grid": [f"quant.symmetric={str(not symmetric).lower()}"],
+        "integer grid" if grid == "seq" else "seq grid (ParetoQ)": ["quant.grid=int"] if grid == "seq" else ["quant.grid=seq", "quant.symmetric=false"],
         "init from gptq (latent)": [f"quant.init_from={ctx['gptq']}"],
         "kd temperature 2": ["distill.temperature=2"],
         "kd loss jsd": ["distill.loss=jsd"],
@@ -130,9 +133,11 @@ def run_bits(
     merged["layer_errors"] = {(m + " (gptq base)" if m.startswith("qera") else m): e for m, e in merged["layer_errors"].items()}
     ctx = {
         "gptq": f"{root}/{label}/base-ptq-gptq", "steps": base.train.max_steps, "learnable": base.quant.learnable, "symmetric": base.quant.symmetric,
+        "grid": base.quant.grid, "freeze": base.freeze.policy,
         "block-ap": f"{root}/{label}/base-ptq-block-ap" if "block-ap" in ptq else None,
     }
     variants = {} if levers_only else {k: v(ctx) for k, v in MAIN.items()}
+    variants = {k: v for k, v in variants.items() if v != [f"freeze.policy={ctx['freeze']}"]}  # the default row itself
     if with_levers:
         variants.update({f"lever: {k}": v for k, v in levers(ctx).items()})
     if only:  # a full variant name selects that variant; any other word, the variants that contain it

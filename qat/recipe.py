@@ -83,27 +83,36 @@ class TeacherSection(_Section):
 
 def grid_defaults(bits: int) -> dict:
     """What ``null`` means for the grid keys, by bit width: the best of the llama-small runs
-    (benchmarks/RESULTS.md, 2026-11-30; ppl/FP, MSE scale init in all). At 2 bits an asymmetric grid
-    (W2g64 1.40 vs 1.51 symmetric) with LSQ-trained scales (1.509 vs 1.522 recomputed); at 3 bits and
-    up a symmetric grid whose scales are recomputed every step (W4g128 1.0225 / 1.0253 over 2 seeds
-    vs 1.0296 / 1.0284 with LSQ; W3g128 1.0690 vs 1.0745)."""
-    return {"grid": "int", "symmetric": bits > 2, "learnable": bits <= 2}
+    (benchmarks/RESULTS.md, 2026-11-30; ppl/FP, MSE scale init in all). At 2 bits ParetoQ's SEQ grid
+    (W2g64 1.2771 / 1.2848 over 2 seeds vs 1.3078 / 1.3141 on the asymmetric integer grid, itself
+    1.40 vs 1.51 symmetric in a 30-step screen) with LSQ-trained scales (1.509 vs 1.522 recomputed);
+    at 3 bits and up a symmetric integer grid whose scales are recomputed every step (W4g128
+    1.0225 / 1.0253 over 2 seeds vs 1.0296 / 1.0284 with LSQ; W3g128 1.0690 vs 1.0745)."""
+    return {"grid": "seq" if bits <= 2 else "int", "symmetric": bits > 2, "learnable": bits <= 2}
 
 
 def _resolve_grid(section, bits: int, fallback=None) -> None:
-    """Fill the null grid keys of ``section`` (QuantSection or QuantOverride): from ``fallback``
-    (the quant section, for an override) where that sets them, else by ``bits``. SEQ's grid is
-    asymmetric by construction, so on it a null ``symmetric`` means false."""
-    for key, value in grid_defaults(bits).items():
-        if getattr(section, key) is None:
-            given = getattr(fallback, key, None)
-            if key == "symmetric" and section.grid == "seq":
-                value = False
-            elif given is not None and not (key == "symmetric" and fallback.grid == "seq"):
-                value = given
-            setattr(section, key, value)
-    if section.grid == "seq" and section.symmetric:
+    """Fill the null grid keys of ``section`` (QuantSection or QuantOverride) from ``fallback`` (the
+    quant section, for an override; its own values, not yet resolved) where that sets them, else
+    by ``bits``. A recipe that sets ``symmetric`` has chosen an integer grid, so a null ``grid`` is
+    then ``int``; on SEQ's grid a null ``symmetric`` is false (its codes are unsigned)."""
+
+    def given(key):
+        value = getattr(section, key)
+        return getattr(fallback, key) if value is None and fallback is not None else value
+
+    default = grid_defaults(bits)
+    symmetric, grid, learnable = given("symmetric"), given("grid"), given("learnable")
+    if section.grid is None and section.symmetric is not None:
+        grid = "int"  # the section's own symmetry choice beats a grid it would inherit
+    elif grid is None:
+        grid = default["grid"] if symmetric is None else "int"
+    if symmetric is None:
+        symmetric = False if grid == "seq" else default["symmetric"]
+    if grid == "seq" and symmetric:
         raise ValueError(_SEQ_SYMMETRIC)
+    section.grid, section.symmetric = grid, symmetric
+    section.learnable = default["learnable"] if learnable is None else learnable
 
 
 _SEQ_SYMMETRIC = "symmetric: true does not go with grid: seq (SEQ's levels are symmetric about 0 by construction, on unsigned codes)"
@@ -137,14 +146,17 @@ class QuantSection(_Section):
     group_size: int | None = Field(128, gt=0, description="null = per-channel")
     # null keys take the best of the llama-small sweeps at the bit width (grid_defaults)
     symmetric: bool | None = Field(
-        None, description="null: asymmetric at 2 bits (better on llama-small: 1.40 vs 1.51 ppl/FP at W2g64), symmetric at 3 bits and up"
+        None,
+        description="null: false on SEQ's grid (the 2-bit default), true at 3 bits and up; setting it chooses an integer grid "
+        "(asymmetric was 1.40 vs 1.51 ppl/FP symmetric at W2g64 on llama-small)",
     )
     scale_init: Literal["minmax", "mse"] = "mse"
     learnable: bool | None = Field(None, description="null: learnable (LSQ) scales at 2 bits, recomputed every step at 3 bits and up")
     grid: Literal["int", "seq"] | None = Field(
         None,
         description="int: integer zero-point (the grid of compressed-tensors / GPTQ checkpoints); seq: ParetoQ's stretched elastic grid, "
-        "levels (q - (2^b - 1) / 2) * s, no zero level (export: --format fake only). null: int",
+        "levels (q - (2^b - 1) / 2) * s, no zero level (export: --format fake only). null: seq at 2 bits unless quant.symmetric "
+        "is set (W2g64 on llama-small: 1.2771 / 1.2848 vs 1.3078 / 1.3141 ppl/FP over 2 seeds), int otherwise",
     )
     lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")
     act_bits: Literal[8] | None = None
@@ -235,7 +247,7 @@ class FreezeSection(_Section):
         if self.policy == "custom" and not self.patterns:
             raise ValueError("freeze.policy 'custom' needs freeze.patterns (a list of regexes)")
         if self.policy in ("none", None) and self.patterns:
-            raise ValueError(f"freeze.patterns given but freeze.policy is {self.policy or 'null'} (set it to custom or ov-freeze)")
+            raise ValueError(f"freeze.patterns given but freeze.policy is {repr(self.policy) if self.policy else 'null'} (set it to custom or ov-freeze)")
         return self
 
 

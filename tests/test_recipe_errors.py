@@ -381,20 +381,26 @@ def test_yaml_12_booleans(tmp_path):
 _MINIMAL = {"output_dir": "x", "model": {"path": "m"}, "data": {"files": ["d.txt"]}, "train": {"max_steps": 1}}
 
 
-@pytest.mark.parametrize("bits, symmetric, learnable", [(2, False, True), (3, True, False), (4, True, False), (8, True, False)])
-def test_a_recipe_that_names_only_the_bits_gets_the_tuned_defaults(bits, symmetric, learnable):
+@pytest.mark.parametrize(
+    "bits, grid, symmetric, learnable, freeze",
+    [(2, "seq", False, True, "none"), (3, "int", True, False, "none"), (4, "int", True, False, "ov-freeze"), (8, "int", True, False, "ov-freeze")],
+)
+def test_a_recipe_that_names_only_the_bits_gets_the_tuned_defaults(bits, grid, symmetric, learnable, freeze):
     """The defaults are the best recipe of the llama-small sweep (benchmarks/RESULTS.md): MSE
-    scale init, lr 3e-4, forward-KL KD; at 2 bits an asymmetric grid with LSQ scales, at 3 and up a
-    symmetric one with scales recomputed every step."""
+    scale init, lr 3e-4, forward-KL KD; at 2 bits SEQ's grid with LSQ scales, at 3 and up a
+    symmetric integer one with scales recomputed every step; ov-freeze at 4 bits and up."""
     from qat.recipe import validate
 
     r = validate({**_MINIMAL, "quant": {"bits": bits}})
     q = r.quant
-    assert (q.scale_init, q.learnable, q.symmetric, q.lsq_grad_scale) == ("mse", learnable, symmetric, False)
-    assert r.train.lr == 3e-4 and r.distill.loss == "forward_kl"
-    assert (q.scheme().symmetric, q.scheme().learnable) == (symmetric, learnable)
+    assert (q.scale_init, q.grid, q.learnable, q.symmetric, q.lsq_grad_scale) == ("mse", grid, learnable, symmetric, False)
+    assert r.train.lr == 3e-4 and r.distill.loss == "forward_kl" and r.freeze.policy == freeze
+    assert (q.scheme().grid, q.scheme().symmetric, q.scheme().learnable) == (grid, symmetric, learnable)
     explicit = validate({**_MINIMAL, "quant": {"bits": bits, "symmetric": not symmetric, "learnable": not learnable}}).quant
-    assert (explicit.symmetric, explicit.learnable) == (not symmetric, not learnable)
+    assert (explicit.grid, explicit.symmetric, explicit.learnable) == ("int", not symmetric, not learnable)  # a set symmetry: the integer grid
+    assert validate({**_MINIMAL, "quant": {"bits": bits}, "freeze": {"policy": "none"}}).freeze.policy == "none"
+    assert validate({**_MINIMAL, "quant": {"bits": bits}, "peft": {"r": 4}}).freeze.policy == "none"  # LoRA-QAT: no default freeze
+    assert validate({**_MINIMAL, "quant": None}).freeze.policy == "none"
 
 
 def test_an_override_takes_the_defaults_of_its_own_bits_and_recipe_yaml_keeps_them():
@@ -419,11 +425,37 @@ def test_quant_grid_seq_resolves_asymmetric_and_recipe_yaml_keeps_it():
     a fixed half-integer zero-point), in the overrides too; the default grid is the integer one."""
     from qat.recipe import validate
 
-    assert validate({**_MINIMAL, "quant": {"bits": 2}}).quant.scheme().grid == "int"
-    ov = [{"pattern": "mlp", "bits": 4}, {"pattern": "k_proj", "grid": "int"}]
+    ov = [{"pattern": "mlp", "bits": 4}, {"pattern": "k_proj", "grid": "int"}, {"pattern": "v_proj", "symmetric": True}]
     q = validate({**_MINIMAL, "quant": {"bits": 2, "grid": "seq", "overrides": ov}}).quant
     assert (q.scheme().grid, q.scheme().symmetric, q.scheme().learnable) == ("seq", False, True)
     got = {p: (s.bits, s.grid, s.symmetric) for p, s in q.layer_schemes()}
-    assert got == {"mlp": (4, "seq", False), "k_proj": (2, "int", False)}
+    assert got == {"mlp": (4, "seq", False), "k_proj": (2, "int", False), "v_proj": (2, "int", True)}
+    # the 2-bit default is SEQ unless the recipe sets the symmetry (then it chose an integer grid)
+    on_4 = validate({**_MINIMAL, "quant": {"bits": 4, "overrides": [{"pattern": "mlp", "bits": 2}]}}).quant.layer_schemes()
+    pinned = validate({**_MINIMAL, "quant": {"bits": 4, "symmetric": True, "overrides": [{"pattern": "mlp", "bits": 2}]}}).quant.layer_schemes()
+    assert (on_4[0][1].grid, pinned[0][1].grid, pinned[0][1].symmetric) == ("seq", "int", True)
     again = validate({**_MINIMAL, "quant": q.model_dump()}).quant
     assert again.layer_schemes() == q.layer_schemes() and again.scheme() == q.scheme()
+
+
+def test_the_default_ov_freeze_needs_the_layers_and_otherwise_freezes_nothing(capsys):
+    """freeze.policy: null is ov-freeze at 4 bits; on a model without o_proj / v_proj (GPT-NeoX: fused
+    qkv, `dense`) the weightless check turns it into none, before recipe.yaml is written, and says so;
+    an explicit ov-freeze on that model stays an error naming the key."""
+    from transformers import AutoConfig, LlamaConfig
+
+    from qat.policy import dry_run_quant
+    from qat.recipe import RecipeError, validate
+
+    neox = AutoConfig.for_model("gpt_neox", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, max_position_embeddings=256)
+    llama = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, vocab_size=256)
+    quant = {"bits": 4, "group_size": 32}
+    r = validate({**_MINIMAL, "quant": quant})
+    assert r.freeze.policy == "ov-freeze"
+    dry_run_quant(r, llama)
+    assert r.freeze.policy == "ov-freeze" and capsys.readouterr().out == ""
+    dry_run_quant(r, neox)
+    assert r.freeze.policy == "none" and "no o_proj / v_proj" in capsys.readouterr().out
+    assert r.to_dict()["freeze"]["policy"] == "none"  # what recipe.yaml will hold
+    with pytest.raises(RecipeError, match=r"^freeze.policy: .*matches no Linear layer"):
+        dry_run_quant(validate({**_MINIMAL, "quant": quant, "freeze": {"policy": "ov-freeze"}}), neox)

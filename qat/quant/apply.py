@@ -34,13 +34,14 @@ class QuantReport:
 
     def summary(self) -> str:
         counts = Counter(
-            (s.bits, s.group_size, s.symmetric, s.scale_init, s.learnable, s.act_bits) for s in self.layers.values()
+            (s.bits, s.group_size, s.symmetric, s.scale_init, s.learnable, s.act_bits, s.grid) for s in self.layers.values()
         )
         lines = [f"quantized {len(self.layers)} Linear layers, left {len(self.skipped)} in full precision"]
-        for (bits, g, sym, init, learn, act), n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        for (bits, g, sym, init, learn, act, grid), n in sorted(counts.items(), key=lambda kv: -kv[1]):
             gran = "per-channel" if g is None else f"group {g}"
             extra = (", learnable qparams" if learn else "") + (f", int{act} activations" if act else "")
-            lines.append(f"  {n:4d} x W{bits} {gran} {'sym' if sym else 'asym'} init={init}{extra}")
+            kind = "seq grid" if grid == "seq" else "sym" if sym else "asym"
+            lines.append(f"  {n:4d} x W{bits} {gran} {kind} init={init}{extra}")
         if self.skipped:
             shown = ", ".join(self.skipped[:6]) + (" ..." if len(self.skipped) > 6 else "")
             lines.append(f"  full precision: {shown}")
