@@ -30,7 +30,7 @@ def dry_run_quant(recipe: Recipe, config) -> None:
     except (ValueError, TypeError, KeyError) as e:
         raise RecipeError(f"{'model.path' if recipe.model.path else 'model.config'}: cannot build the model: {first_line(e)}") from None
     f = recipe.freeze
-    if f._by_default and f.policy == "ov-freeze" and not all(any(re.search(p, n) for n, m in model.named_modules() if isinstance(m, nn.Linear)) for p in OV_PATTERNS):
+    if f._by_default and f.policy == "ov-freeze" and not _has_ov_layers(model):
         f.policy = "none"  # before recipe.yaml is written: a resume resolves the same way
         print("freeze.policy: null would be ov-freeze at this bit width, but the model has no o_proj / v_proj Linear layers: nothing is frozen")
     try:
@@ -43,6 +43,12 @@ def dry_run_quant(recipe: Recipe, config) -> None:
         raise RecipeError(f"{key}: {e}{hint}") from None
     if recipe.quant is not None and recipe.quant.init_from is not None:
         check_layers(report.layers, recipe.quant.init_from)
+
+
+def _has_ov_layers(model: nn.Module) -> bool:
+    """Does every ov-freeze pattern match a Linear layer of ``model``?"""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return all(any(re.search(p, n) for n in names) for p in OV_PATTERNS)
 
 
 def _quant_error_key(msg: str, recipe: Recipe) -> str:
