@@ -84,7 +84,7 @@ class TeacherSection(_Section):
 def grid_defaults(bits: int) -> dict:
     """What ``null`` means for the grid keys, by bit width: the best of the llama-small runs
     (benchmarks/RESULTS.md, 2026-11-30; ppl/FP, MSE scale init in all). At 2 bits ParetoQ's SEQ grid
-    (W2g64 1.2771 / 1.2848 over 2 seeds vs 1.3078 / 1.3141 on the asymmetric integer grid, itself
+    (W2g64 1.2773 / 1.2832 over 2 seeds vs 1.3078 / 1.3141 on the asymmetric integer grid, itself
     1.40 vs 1.51 symmetric in a 30-step screen) with LSQ-trained scales (1.509 vs 1.522 recomputed);
     at 3 bits and up a symmetric integer grid whose scales are recomputed every step (W4g128
     1.0225 / 1.0253 over 2 seeds vs 1.0296 / 1.0284 with LSQ; W3g128 1.0690 vs 1.0745)."""
@@ -156,7 +156,7 @@ class QuantSection(_Section):
         None,
         description="int: integer zero-point (the grid of compressed-tensors / GPTQ checkpoints); seq: ParetoQ's stretched elastic grid, "
         "levels (q - (2^b - 1) / 2) * s, no zero level (export: --format fake only). null: seq at 2 bits unless quant.symmetric "
-        "is set (W2g64 on llama-small: 1.2771 / 1.2848 vs 1.3078 / 1.3141 ppl/FP over 2 seeds), int otherwise",
+        "is set (W2g64 on llama-small: 1.2773 / 1.2832 vs 1.3078 / 1.3141 ppl/FP over 2 seeds), int otherwise",
     )
     lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")
     act_bits: Literal[8] | None = None
