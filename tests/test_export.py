@@ -482,3 +482,35 @@ def test_qera_adapter_kept_separate_beside_packed_base(tmp_path, capsys):
     ref = PeftModel.from_pretrained(load(run / "final"), str(run / "final" / "adapter")).eval()
     exp = PeftModel.from_pretrained(load(out), str(out / "adapter")).eval()
     assert torch.equal(logits(ref), logits(exp))  # base + low-rank terms, exactly
+
+
+def test_merge_lora_on_the_seq_grid_requantizes_onto_it(runs, tmp_path, capsys):
+    """--merge-lora on a SEQ run (quant.grid: seq): the touched layers are re-quantized on SEQ's grid
+    (zero-point 1.5, weights at ±0.5 / ±1.5 times their new scales), the others keep their weights;
+    only --format fake can hold it."""
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "run"
+    shutil.copytree(runs(2, 64, False, "float32", "quant.grid=seq"), run)
+    peft_model = get_peft_model(load(run / "final"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.0))
+    with torch.no_grad():
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
+    peft_model.save_pretrained(run / "final" / "adapter")
+    assert export(run, tmp_path / "ct", "compressed-tensors", "--merge-lora") == 2
+    assert "SEQ's grid" in capsys.readouterr().err
+    out = tmp_path / "fake"
+    assert export(run, out, "fake", "--merge-lora") == 0
+    assert "logit change" in capsys.readouterr().out
+    base, merged = load_file(str(run / "final" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    qp = load_file(str(out / "qat_qparams.safetensors"))
+    for i in range(4):
+        name = f"model.layers.{i}.self_attn.q_proj"
+        w, s, z = merged[f"{name}.weight"].double(), qp[f"{name}.weight_scale"].double(), qp[f"{name}.weight_zero_point"]
+        assert not torch.equal(merged[f"{name}.weight"], base[f"{name}.weight"]) and torch.equal(z, torch.full_like(z, 1.5))
+        steps = w.view(s.shape[0], s.shape[1], -1) / s.unsqueeze(-1)
+        assert (steps - torch.round(steps * 2) / 2).abs().max() < 1e-5
+        assert set((torch.round(steps * 2) / 2).unique().tolist()) <= {-1.5, -0.5, 0.5, 1.5}
+        k = f"model.layers.{i}.self_attn.k_proj.weight"
+        assert torch.equal(merged[k], base[k])
