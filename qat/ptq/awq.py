@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..quant.grid import MSE_CLIP_GRID, SEQ_CLIP_GRID, SEQ_MIN_CLIP, fake_quantize, minmax_qparams
+from ..quant.grid import clip_search, fake_quantize, minmax_qparams
 from ..quant.scheme import QuantScheme
 from .calibrate import BlockRunner, InputStats, first_output, install_quantized, to_device
 
@@ -264,7 +264,7 @@ def _clip_and_install(runner: BlockRunner, names: list[str], plan: dict[str, Qua
             if n in scaled_inputs:
                 inv = (1.0 / scaled_inputs[n].float()).reshape(bm.shape[0], -1)
                 bm = bm * inv.unsqueeze(2) * inv.unsqueeze(1)
-            grid, lo = (SEQ_CLIP_GRID, SEQ_MIN_CLIP) if scheme.seq else (MSE_CLIP_GRID, 0.5)
+            grid, lo = clip_search(scheme.seq)
             ratio = search_clip(w, bm, scheme, opts.clip_grid or grid, opts.clip_min or lo)
         scale, zero = minmax_qparams(w, scheme.bits, scheme.group_size, scheme.symmetric, ratio, scheme.seq)
         install_quantized(runner.model, n, scheme, scale, zero)

@@ -17,8 +17,8 @@ from .calibrate import install_quantized
 def rtn_qparams(w: Tensor, scheme: QuantScheme, clip: str = "minmax", group_size: int | None = -1) -> tuple[Tensor, Tensor]:
     """Scale and zero-point of ``w`` (``[out, in]``, in at least float32) per (row, group).
 
-    ``clip="mse"``: each group's range is shrunk by the ratio in ``[0.5, 1]`` that minimises the
-    group's squared weight error (``mse_clip_ratio``). ``group_size=-1``: the scheme's."""
+    ``clip="mse"``: each group's range is shrunk by the ratio in ``[0.5, 1]`` (``[0.3, 1]`` on SEQ's
+    grid) that minimises the group's squared weight error (``mse_clip_ratio``). ``group_size=-1``: the scheme's."""
     g = scheme.group_size if group_size == -1 else group_size
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()  # the grid is computed in at least float32

@@ -30,6 +30,7 @@ __all__ = [
     "minmax_qparams",
     "minmax_qparams_unchecked",
     "mse_clip_ratio",
+    "clip_search",
     "quantize",
     "dequantize",
     "fake_quantize",
@@ -45,11 +46,17 @@ __all__ = [
     "check_finite",
 ]
 
-MSE_CLIP_GRID = 20  # clip ratios 1.0, 0.975, ..., 0.525 searched by the `mse` scale init
+MSE_MIN_CLIP, MSE_CLIP_GRID = 0.5, 20  # clip ratios 1.0, 0.975, ..., 0.525 searched by the `mse` scale init
 # SEQ's grid has no zero level and fits the bulk of a group: at W2g64 on llama-small the best outer
 # level sits at a median 0.575 of the group's absmax and 18 % of groups want less than 0.5, so its
 # search goes on to 0.325 (same 0.025 step)
 SEQ_MIN_CLIP, SEQ_CLIP_GRID = 0.3, 28
+
+
+def clip_search(seq: bool) -> tuple[int, float]:
+    """``(number of ratios, smallest ratio)`` a clip search tries by default on the grid (1.0 first,
+    steps of 0.025): from 0.5 on the integer grid, from 0.3 on SEQ's."""
+    return (SEQ_CLIP_GRID, SEQ_MIN_CLIP) if seq else (MSE_CLIP_GRID, MSE_MIN_CLIP)
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -162,11 +169,10 @@ def mse_clip_ratio(
     seq: bool = False,
 ) -> Tensor:
     """Per-group clip ratio in ``[min_ratio, 1]`` minimising ``sum |w - Q(w)|^norm`` over the group
-    (``grid`` ratios, 1.0 first; defaults: ``MSE_CLIP_GRID`` from 0.5, SEQ's from ``SEQ_MIN_CLIP``)."""
-    if grid is None:
-        grid = SEQ_CLIP_GRID if seq else MSE_CLIP_GRID
-    if min_ratio is None:
-        min_ratio = SEQ_MIN_CLIP if seq else 0.5
+    (``grid`` ratios, 1.0 first; a ``None`` takes ``clip_search(seq)``'s)."""
+    default_grid, default_min = clip_search(seq)
+    grid = default_grid if grid is None else grid
+    min_ratio = default_min if min_ratio is None else min_ratio
     best_err = None
     best_ratio = None
     wg = group_view(w, group_size)
