@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 
 import qat.train.loop
 from qat.cli import main
-from qat.io.checkpoint import file_hashes, latest_checkpoint
+from qat.io.checkpoint import file_hashes, latest_checkpoint, state_digest
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = needs_tiny  # every test here runs on llama-tiny; a mark skips before module fixtures set up
@@ -231,12 +231,12 @@ def test_resume_unpickles_nothing_but_tensors(tmp_path, monkeypatch, capsys):
         # an attacker who rewrites the checksum too meets torch.load(weights_only=True)
         state = json.loads((bad / "qat_state.json").read_text())
         state["files"] = file_hashes(bad)
+        state["sha256"] = state_digest(state)
         (bad / "qat_state.json").write_text(json.dumps(state))
         code = train(tmp_path / f"out2-{victim}", "train.max_steps=3", f"checkpoint.resume={bad}")
         err = capsys.readouterr().err
         assert not marker.exists(), f"unpickling {victim} ran code"
-        if victim == "optimizer.bin":
-            assert code == 1 and f"could not load checkpoint {bad}" in err and "Traceback" not in err, err
+        assert code == 1 and f"could not load checkpoint {bad}" in err and "Traceback" not in err, err  # the RNG state too
 
 
 def test_a_run_writes_only_inside_its_output_dir(tmp_path, monkeypatch):

@@ -8,7 +8,8 @@ raises ``CheckpointError`` (incomplete files removed, the previous checkpoint na
 old checkpoints are renamed out of the way before they are deleted.
 
 Trust: ``qat_state.json`` also lists the sha256 of every other file of the checkpoint (written
-last, atomically). ``usable_checkpoint`` re-hashes them before a resume and falls back to the
+last, atomically), and carries the sha256 of its own content, so an edited step or file list is
+found too. ``usable_checkpoint`` re-hashes them before a resume and falls back to the
 newest checkpoint that verifies, saying which one was passed over and why (a flipped byte, a
 truncated or missing file, an unreadable state, a step beyond the run). Pruning never deletes
 the checkpoint the caller protects (the last one written before the first non-finite step).
@@ -23,12 +24,19 @@ import re
 import shutil
 from pathlib import Path
 
-from .rundir import fsync_dir, write_json_atomic
+from .rundir import fsync_dir, fsync_tree, write_json_atomic
 
 STATE_FILE = "qat_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 _TMP_PREFIX = ".tmp-step-"
 _DEL_PREFIX = ".del-"
+STALE_PREFIX = "stale-step-"  # newer checkpoints set aside by a resume from an older one
+
+
+def state_digest(state: dict) -> str:
+    """sha256 of a ``qat_state.json`` without its own ``sha256`` entry (canonical JSON)."""
+    body = {k: v for k, v in state.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 class CheckpointError(RuntimeError):
@@ -42,7 +50,7 @@ def checkpoint_dirs(root: Path) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / STATE_FILE).is_file():
+        if m and p.is_dir() and not p.is_symlink() and (p / STATE_FILE).is_file():  # a link leads out of the run
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -77,6 +85,8 @@ def checkpoint_problem(ckpt: Path, max_steps: int | None = None) -> str | None:
         return f"{STATE_FILE} is unreadable ({e.__class__.__name__})"
     if not isinstance(state, dict) or not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
         return f"{STATE_FILE} has no valid step"
+    if "sha256" in state and state["sha256"] != state_digest(state):
+        return f"{STATE_FILE} does not match its checksum (edited or damaged)"
     if max_steps is not None and state["step"] > max_steps:
         return f"its step {state['step']} is beyond the run's {max_steps} steps"
     want = state.get("files")
@@ -123,13 +133,15 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
         if accelerator.is_main_process:
             root.mkdir(parents=True, exist_ok=True)
             for stale in [*root.glob(f"{_TMP_PREFIX}*"), *root.glob(f"{_DEL_PREFIX}*")]:  # left by a killed run
-                shutil.rmtree(stale)
+                _rm(stale)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp), safe_serialization=True)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            write_json_atomic(tmp / STATE_FILE, {"step": step, **state, "files": file_hashes(tmp)})
-            if final.exists():  # a complete checkpoint of the same step (e.g. re-run): replace it
+            doc = {"step": step, **state, "files": file_hashes(tmp)}
+            write_json_atomic(tmp / STATE_FILE, {**doc, "sha256": state_digest(doc)})
+            fsync_tree(tmp)  # on disk before it is renamed into place and older ones are deleted
+            if final.exists() or final.is_symlink():  # a checkpoint of the same step (e.g. re-run), or a link: replace it
                 _remove(final)
             os.replace(tmp, final)
             fsync_dir(root)
@@ -144,18 +156,47 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
             f"the incomplete files were removed and {kept}"
         ) from e
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        for _, old in checkpoint_dirs(root)[:-keep]:
+    if accelerator.is_main_process:  # among this run's checkpoints: none newer than the one just written
+        for _, old in [(s, p) for s, p in checkpoint_dirs(root) if s <= step][:-keep]:
             if protect is None or old.resolve() != protect.resolve():
                 _remove(old)
     return final
+
+
+def set_aside_newer(root: Path, step: int) -> list[str]:
+    """Rename the checkpoints newer than ``step`` (a resume from an older one: they are not this
+    continuation's) to ``stale-step-N``, kept for the user to inspect or delete; never deleted,
+    never taken as the latest, never pruned in place of the run's own. One line per checkpoint."""
+    lines = []
+    if not root.is_dir():
+        return lines
+    for p in sorted(root.iterdir()):
+        m = _STEP_DIR.match(p.name)
+        if m and int(m.group(1)) > step and not p.is_symlink():
+            dest = root / f"{STALE_PREFIX}{m.group(1)}"
+            n = 1
+            while dest.exists():
+                dest, n = root / f"{STALE_PREFIX}{m.group(1)}.{n}", n + 1
+            os.replace(p, dest)
+            lines.append(f"set aside {p.name} as {dest.name}: newer than the checkpoint resumed from")
+    if lines:
+        fsync_dir(root)
+    return lines
 
 
 def _remove(ckpt: Path) -> None:
     """Take a checkpoint out of the complete set in one rename, then delete it (a kill during a
     plain rmtree could leave a half-deleted directory that still looks complete)."""
     doomed = ckpt.with_name(f"{_DEL_PREFIX}{ckpt.name}")
-    if doomed.exists():
-        shutil.rmtree(doomed, ignore_errors=True)
+    if doomed.exists() or doomed.is_symlink():
+        _rm(doomed)
     os.replace(ckpt, doomed)
-    shutil.rmtree(doomed, ignore_errors=True)
+    _rm(doomed)
+
+
+def _rm(p: Path) -> None:
+    """Delete a directory qat wrote, or a link planted in its place (never what it points to)."""
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p, ignore_errors=True)

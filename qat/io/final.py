@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from ..quant.apply import dequantize_model
-from .rundir import fsync_dir, write_json_atomic
+from .rundir import fsync_dir, fsync_tree, write_json_atomic
 
 QUANT_FILE = "qat_quant.json"
 QPARAMS_FILE = "qat_qparams.safetensors"
@@ -144,6 +144,7 @@ def writing_final(final_dir: Path):
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        fsync_tree(tmp)  # on disk before the previous final/ is replaced and deleted
         if final_dir.exists():
             os.replace(final_dir, old)
         os.replace(tmp, final_dir)

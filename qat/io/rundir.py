@@ -5,7 +5,16 @@ Rules (every writer goes through them):
 - **qat deletes only what it created.** A run directory carries a marker, ``.qat-run.json``
   (``{"kind": "train" | "ptq", ...}``), written when qat creates the run. ``--overwrite`` clears a
   directory only when it carries the marker of the same kind, and then only the files that kind of
-  run writes (``RUN_FILES``); caches (``teacher-cache/``, ``generated-data/``) are kept.
+  run writes (``RUN_FILES``); caches (``teacher-cache/``, ``generated-data/``) are kept. A directory
+  without the marker that already holds an entry of one of those names (a user's own ``tokenizer/``
+  or ``wandb/``) is refused, never adopted.
+- **--overwrite never loses what it cannot replace:** the previous run's files are moved aside
+  into ``.qat-replaced/`` (``Replacement``) and deleted only once the new run has something to
+  stand in for them (its first checkpoint, or ``final/``); a new run that fails before that is
+  removed and the previous one moved back.
+- **The checks hold under the lock:** whether the directory already holds a run is asked again
+  once the lock is taken (``create_run_dir``), so of two processes started on one new directory
+  the second never writes over the first one's run.
 - **Never a directory that holds more than runs:** ``/``, the home directory, the current
   directory and any of their parents are refused as a run directory (checked on the resolved path).
 - **Nothing leaves the run directory:** a run file, cache directory, marker or lock that is a
@@ -24,6 +33,7 @@ import errno
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 from ..recipe import RecipeError
@@ -35,8 +45,10 @@ RUN_FILES = {
     "train": ("recipe.yaml", "metrics.jsonl", "eval.json", "checkpoints", "final", "tokenizer", "wandb"),
     "ptq": ("recipe.yaml", "eval.json", "final"),
 }
-HOLDS_RUN = ("recipe.yaml", "metrics.jsonl", "final", "checkpoints", "eval.json")
 CACHES = ("teacher-cache", "generated-data")  # written inside the run by default; kept by --overwrite
+REPLACED = ".qat-replaced"  # the run --overwrite replaces, until the new run can stand in for it
+HOLDS_RUN = ("recipe.yaml", "metrics.jsonl", "final", "checkpoints", "eval.json", REPLACED)
+NAME_MAX = 255  # the longest file name Linux file systems take
 
 
 class DiskError(RuntimeError):
@@ -85,14 +97,22 @@ def check_run_dir(out: Path, kind: str, overwrite: bool, key: str = "output_dir"
     why = forbidden(out)
     if why is not None:
         raise RecipeError(f"{key}: {out} is {why}; a run needs a directory of its own (e.g. {out}/runs/NAME)")
-    for f in (*RUN_FILES[kind], *CACHES, MARKER, LOCK):
+    long = [part for part in resolved(out).parts if len(part.encode()) > NAME_MAX]
+    if long:
+        raise RecipeError(f"{key}: the path component {long[0][:40]}... is {len(long[0].encode())} bytes long; file systems take at most {NAME_MAX}")
+    for f in (*RUN_FILES[kind], *CACHES, MARKER, LOCK, REPLACED):
         if (out / f).is_symlink():
             raise RecipeError(f"{key}: {out / f} is a symbolic link; qat writes only inside output_dir, remove it")
     if out.exists() and not out.is_dir():
         raise RecipeError(f"{key}: {out} exists and is not a directory")
     held = out.is_dir() and holds_run(out)
+    m = marker(out) if out.is_dir() else None
+    if out.is_dir() and not held and m is None:
+        foreign = [f for f in RUN_FILES[kind] if (out / f).exists()]
+        if foreign:
+            raise RecipeError(f"{key}: {out} holds {', '.join(foreign)}, which qat did not create (no {MARKER}); a `qat {kind}` run "
+                              "writes its own there: move them or choose another output_dir")
     if held and overwrite:
-        m = marker(out)
         if m is None:
             raise RecipeError(f"{key}: {out} holds files qat did not create (no {MARKER}); --overwrite clears only "
                               "qat's own runs: remove them yourself or choose another output_dir")
@@ -101,24 +121,82 @@ def check_run_dir(out: Path, kind: str, overwrite: bool, key: str = "output_dir"
     return held
 
 
-def create_run_dir(out: Path, kind: str, clear: bool) -> None:
-    """Make ``out`` a ``kind`` run directory: create it with its marker, or (``clear``, after
-    ``check_run_dir``) delete the files of the previous run of the same kind first."""
-    if clear and out.is_dir() and holds_run(out):
+def create_run_dir(out: Path, kind: str, clear: bool, held_before: bool = False, key: str = "output_dir") -> "Replacement | None":
+    """Make ``out`` a ``kind`` run directory, holding its lock: check it again (another process may
+    have written a run since ``check_run_dir``), then create it with its marker or (``clear``) move
+    the previous run of the same kind aside. Returns that ``Replacement``, or None.
+    ``held_before``: what ``check_run_dir`` found, and the caller accepted."""
+    held = check_run_dir(out, kind, clear, key)
+    if held and not held_before and not clear:
+        raise RecipeError(f"{key}: {out} received a run from another process while this one was getting ready; "
+                          "nothing was written. Pass --overwrite to replace it, or choose another output_dir")
+    replaced = None
+    if clear and held:
         m = marker(out)
         if m is None or m["kind"] != kind:  # check_run_dir refused this already; never delete blindly
-            raise RecipeError(f"output_dir: {out} is not a `qat {kind}` run directory; refusing to clear it")
-        for f in RUN_FILES[kind]:
-            p = out / f
-            if p.is_symlink():
-                p.unlink()
-            elif p.is_dir():
-                shutil.rmtree(p)
-            else:
-                p.unlink(missing_ok=True)
+            raise RecipeError(f"{key}: {out} is not a `qat {kind}` run directory; refusing to clear it")
+        replaced = Replacement(out, kind).move_aside()
     out.mkdir(parents=True, exist_ok=True)
     if marker(out) is None:
-        write_json_atomic(out / MARKER, {"kind": kind, "created": datetime.datetime.now().isoformat(timespec="seconds")})
+        write_json_atomic(out / MARKER, {"kind": kind, "created": datetime.datetime.now().isoformat(timespec="seconds"),
+                                         "run_id": uuid.uuid4().hex})
+    return replaced
+
+
+def _delete(p: Path) -> None:
+    if p.is_symlink() or not p.is_dir():
+        p.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(p)
+
+
+class Replacement:
+    """The files of the run ``--overwrite`` replaces, held in ``out/.qat-replaced/`` until the new
+    run can stand in for them: ``commit`` deletes them, ``restore`` removes the new run's files
+    and moves them back. A ``.qat-replaced/`` left by a killed process holds the last complete run
+    and is kept: the files it would have been replaced with are the ones discarded."""
+
+    def __init__(self, out: Path, kind: str):
+        self.out, self.kind, self.aside = out, kind, out / REPLACED
+        self.active = False
+
+    def move_aside(self) -> "Replacement":
+        if self.aside.is_symlink():
+            raise RecipeError(f"output_dir: {self.aside} is a symbolic link; qat writes only inside output_dir, remove it")
+        earlier = self.aside.is_dir()
+        self.aside.mkdir(exist_ok=True)
+        for f in RUN_FILES[self.kind]:
+            p = self.out / f
+            if p.exists() or p.is_symlink():
+                if earlier:
+                    _delete(p)  # an interrupted replacement: the complete run is the one already aside
+                else:
+                    os.replace(p, self.aside / f)
+        fsync_dir(self.out)
+        self.active = True
+        return self
+
+    def commit(self) -> None:
+        """The new run can stand in for the old one: delete it."""
+        if self.active:
+            self.active = False
+            shutil.rmtree(self.aside, ignore_errors=True)
+
+    def restore(self) -> None:
+        """The new run failed before it could stand in: remove it, put the old one back."""
+        if not self.active:
+            return
+        self.active = False
+        for f in RUN_FILES[self.kind]:
+            if (self.aside / f).exists() or (self.aside / f).is_symlink():
+                p = self.out / f
+                if p.exists() or p.is_symlink():
+                    _delete(p)
+                os.replace(self.aside / f, p)
+            elif (self.out / f).exists() or (self.out / f).is_symlink():
+                _delete(self.out / f)
+        shutil.rmtree(self.aside, ignore_errors=True)
+        fsync_dir(self.out)
 
 
 class RunLock:
@@ -165,6 +243,20 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root`` (before it is renamed into place)."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            if os.path.islink(os.path.join(dirpath, name)):
+                continue
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -29,36 +30,46 @@ from ..data.generate import build_run_datasets, generate_cached
 from ..data.plans import BatchPlan, batch_of, blocks_used, qat_train_tokens
 from ..data.setup import check_positions, tokenizer_for
 from ..deps import require
-from ..dist import from_main_process
+from ..dist import from_main_process, rank_zero
 from ..distill import distill_loss
 from ..distill.teacher_cache import TeacherCache
 from ..distill.teacher_cache import check as check_teacher_cache
 from ..distill.teacher_cache import precompute as precompute_teacher_cache
 from ..evaluate.perplexity import perplexity
-from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint, usable_checkpoint
+from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint, set_aside_newer, usable_checkpoint
 from ..io.final import final_dtype, writing_final
 from ..io.models import DTYPES, first_line, load_model_dir, load_models, load_student, model_config
-from ..io.rundir import DiskError, RunLock, check_run_dir, create_run_dir, write_json_atomic, write_text_atomic
+from ..io.rundir import DiskError, Replacement, RunLock, check_run_dir, create_run_dir, marker, write_json_atomic, write_text_atomic
 from ..policy import build_student_quant, dry_run_quant, freeze_due, freeze_layers, schedule_transitions
 from ..quant.apply import set_fake_quant
 from ..recipe import Recipe, RecipeError
+from .identity import compare as compare_identity
+from .identity import run_identity
 from .lora import apply_lora, init_calibration, save_lora_final
 from .optim import build_optimizer, lr_at
 from .tracking import MetricsLog, init_tracking, make_accelerator, peak_memory_gb
 
 
 # -- setup ---------------------------------------------------------------------------------
-def check_output_dir(recipe: Recipe, overwrite: bool) -> Path | None:
+def check_output_dir(recipe: Recipe, overwrite: bool) -> tuple[Path | None, bool]:
     """Refuse to clobber another run or anything qat did not create (``qat.io.rundir``); return
-    the checkpoint to resume from, if any. Writes nothing. A checkpoint from elsewhere only starts a
-    run in a directory that holds none (or with --overwrite)."""
+    the checkpoint to resume from, if any, and whether ``output_dir`` holds a run. Writes nothing. A checkpoint from elsewhere only starts a
+    run in a directory that holds none (or with --overwrite). --overwrite starts over: it never
+    resumes the run it replaces (``checkpoint.resume=auto`` is set aside, with a line saying so)."""
     out = Path(recipe.output_dir)
     resume = recipe.checkpoint.resume
+    if overwrite and resume == "auto":
+        if rank_zero() and (out / "checkpoints").is_dir():
+            print("checkpoint.resume=auto: not resuming, --overwrite replaces the run in output_dir")
+        resume = None
     held = check_run_dir(out, "train", overwrite and resume is None)
     if resume == "auto":  # verified (and an older one taken if need be) in ``resume``
-        return latest_checkpoint(out / "checkpoints")
+        return latest_checkpoint(out / "checkpoints"), held
     if resume is not None:
         ckpt = Path(resume).resolve()
+        if held and (out / "checkpoints").resolve() in ckpt.parents and overwrite:
+            raise RecipeError(f"checkpoint.resume: {resume} is a checkpoint of the run that --overwrite replaces; "
+                              "drop --overwrite to continue that run, or checkpoint.resume to start over")
         if held and (out / "checkpoints").resolve() not in ckpt.parents:
             if not overwrite:
                 raise RecipeError(
@@ -66,24 +77,32 @@ def check_output_dir(recipe: Recipe, overwrite: bool) -> Path | None:
                     "pass --overwrite to replace that run, or choose another output_dir"
                 )
             check_run_dir(out, "train", overwrite=True)  # replacing it: it must be a qat train run
-        return Path(resume)
+        return Path(resume), held
     if not overwrite and held:
         raise RecipeError(
             f"output_dir: {out} already holds a run; pass --overwrite to replace it or checkpoint.resume=auto to continue it"
         )
-    return None
+    return None, held
 
 
-def start_run_dir(recipe: Recipe, out: Path, tokenizer, clear: bool) -> RunLock:
-    """Lock the run directory, create it (after --overwrite: cleared of the old run's files) with
-    the resolved recipe and a trained tokenizer. Returns the lock, held until the run ends."""
-    out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out).acquire()
-    create_run_dir(out, "train", clear)
-    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
-    if recipe.tokenizer_path is None and not (out / "tokenizer" / "tokenizer.json").exists():
-        tokenizer.save_pretrained(out / "tokenizer")
-    return lock
+def start_run_dir(run: "Run", clear: bool, resuming: bool, held: bool) -> None:
+    """Lock the run directory and create it (checked again under the lock; after --overwrite the
+    old run's files moved aside) with a trained tokenizer and, for a new run, the resolved recipe
+    (a resumed run writes it once the checkpoint is known to belong to it)."""
+    recipe, out = run.recipe, run.out
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DiskError(out, e) from None
+    run.lock = RunLock(out).acquire()
+    try:
+        run.replaced = create_run_dir(out, "train", clear, held_before=held)
+        if not resuming:
+            write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+        if recipe.tokenizer_path is None and not (out / "tokenizer" / "tokenizer.json").exists():
+            run.tokenizer.save_pretrained(out / "tokenizer")
+    except OSError as e:
+        raise DiskError(out, e, "nothing of an earlier run was removed") from None
 
 
 class LaunchError(RuntimeError):
@@ -152,6 +171,10 @@ class Run:
     clean_step: int | None = None  # the last checkpoint written before the first non-finite step
     metrics: MetricsLog | None = None
     lock: RunLock | None = None
+    replaced: Replacement | None = None  # the run --overwrite replaces, until this one can stand in for it
+    identity: dict | None = None  # what defines the run (``qat.train.identity``), in every checkpoint
+    changes: list = field(default_factory=list)  # allowed recipe changes made by resumes
+    train_tokens: int = 0
     t_start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -163,15 +186,20 @@ def train(recipe: Recipe, overwrite: bool = False) -> Path:
     """Run a recipe: check -> processes -> data and run directory -> models -> resume -> steps
     (log, evaluate, checkpoint) -> final/ -> eval.json. Returns the run directory."""
     check_optional_deps(recipe)
-    resume_from = check_output_dir(recipe, overwrite)
+    resume_from, held = check_output_dir(recipe, overwrite)
     run = Run(recipe, Path(recipe.output_dir), start_processes(recipe))
     try:
-        prepare_data(run, overwrite, resume_from)
+        prepare_data(run, overwrite, resume_from, held)
         build_models(run, init=resume_from is None)
         resume(run, resume_from)
         train_steps(run)
         write_final(run)
         evaluate_final(run)
+    except BaseException:
+        if run.replaced is not None and run.replaced.active:  # nothing yet to stand in for the old run
+            run.replaced.restore()
+            print(f"qat: the run --overwrite was to replace is back in place in {run.out}", file=sys.stderr)
+        raise
     finally:
         if run.lock is not None:
             run.lock.release()
@@ -200,7 +228,7 @@ def start_processes(recipe: Recipe):
     return accelerator
 
 
-def prepare_data(run: Run, overwrite: bool, resume_from: Path | None) -> None:
+def prepare_data(run: Run, overwrite: bool, resume_from: Path | None, held: bool = False) -> None:
     """recipe -> tokenizer, config, a weightless check of quant/freeze -> data, all before the run
     directory is touched: the main process goes first, and writes it only once everything passed.
     Teacher-generated data and the teacher's top-k cache are made by every process, each its share
@@ -229,8 +257,10 @@ def prepare_data(run: Run, overwrite: bool, resume_from: Path | None) -> None:
         if recipe.distill.teacher_cache is not None:
             check_teacher_cache(recipe, run.train_set)  # a cache made with other settings is refused here
         if run.main:
-            run.lock = start_run_dir(recipe, run.out, run.tokenizer, clear=overwrite and resume_from is None)
+            start_run_dir(run, clear=overwrite and resume_from is None, resuming=resume_from is not None, held=held)
     run.max_steps = t.max_steps if t.max_steps is not None else math.ceil(t.epochs * steps_per_epoch)
+    if run.main:
+        run.identity = run_identity(recipe, run.train_set)
     if recipe.distill.teacher_cache is not None:  # the teacher's top-k computed once; then the teacher is not loaded
         used = blocks_used(run.plan, run.max_steps * t.grad_accum)
         run.cache = TeacherCache(precompute_teacher_cache(recipe, run.train_set, used, acc, run.main))
@@ -270,7 +300,8 @@ def build_models(run: Run, init: bool) -> None:
 
 
 def resume(run: Run, resume_from: Path | None) -> None:
-    """Load a checkpoint (model, optimizer, RNG, step), and open metrics.jsonl and the trackers."""
+    """Load a checkpoint (model, optimizer, RNG, step) once it is known to be whole and this
+    run's, write the recipe, and open metrics.jsonl and the trackers."""
     recipe, acc = run.recipe, run.accelerator
     if resume_from is not None:
         resume_from = verified_checkpoint(run, resume_from)
@@ -278,37 +309,81 @@ def resume(run: Run, resume_from: Path | None) -> None:
         state = read_state(resume_from)
         if recipe.freeze.start_step and freeze_due(recipe, state["step"]):
             freeze_layers(acc.unwrap_model(run.student), recipe)  # the checkpoint holds the frozen layout
+        check_rng_state(resume_from, acc.process_index)
         try:  # safetensors for the models; accelerate reads the rest with torch.load(weights_only=True)
             acc.load_state(str(resume_from))
         except Exception as e:
             raise CheckpointError(f"could not load checkpoint {resume_from} ({e.__class__.__name__}: {first_line(e)})") from e
         run.step, run.bad_steps = state["step"], state.get("bad_steps", 0)
         run.clean_step = state.get("clean_step", run.step if run.bad_steps == 0 else None)
+        run.train_tokens = state.get("train_tokens", qat_train_tokens(recipe, run.step, acc.num_processes))
         if run.main:
             print(f"resumed from {resume_from} at step {run.step}")
     elif recipe.checkpoint.resume == "auto" and run.main:
         print("checkpoint.resume=auto: no complete checkpoint found, starting from step 0")
+    if run.main and (resume_from is not None or not (run.out / "recipe.yaml").exists()):
+        write_text_atomic(run.out / "recipe.yaml", recipe.to_yaml())  # a resume: only once the checkpoint is known to be this run's
     init_tracking(recipe, acc, run.out)
     run.metrics = MetricsLog(run.out / "metrics.jsonl", acc, run.step)
 
 
+def check_rng_state(ckpt: Path, rank: int) -> None:
+    """The RNG state of this process in ``ckpt`` loads (Accelerate skips one that does not, in
+    silence, and the resumed run would draw other random numbers than the run it continues)."""
+    from accelerate.utils import RNG_STATE_NAME, load
+
+    path = ckpt / f"{RNG_STATE_NAME}_{rank}.pkl"
+    try:
+        states = load(path)
+        torch.get_rng_state().copy_(states["torch_manual_seed"])  # the shape and type it must have
+    except Exception as e:
+        raise CheckpointError(f"could not load checkpoint {ckpt}: its random state {path.name} does not load "
+                              f"({e.__class__.__name__}: {first_line(e)})") from None
+
+
 def verified_checkpoint(run: Run, resume_from: Path) -> Path | None:
     """The checkpoint to resume from: checksums, state and step verified (an older one if need
-    be), by the main process alone (every file is read once), the answer shared with all."""
+    be), then its run identity compared with this run's (``qat.train.identity``), by the main
+    process alone (every file is read once), the answer shared with all. Checkpoints newer than
+    the chosen one are set aside (``stale-step-N``)."""
     choice = None
     if run.main:
         explicit = None if run.recipe.checkpoint.resume == "auto" else resume_from
         try:
             ckpt, passed_over = usable_checkpoint(run.out / "checkpoints", explicit, run.max_steps)
+            if ckpt is not None:
+                run.changes = check_identity(run, ckpt)
+                passed_over += set_aside_newer(run.out / "checkpoints", read_state(ckpt)["step"]) if ckpt.parent == run.out / "checkpoints" else []
             choice = (str(ckpt) if ckpt else None, passed_over, None)
-        except CheckpointError as e:
-            choice = (None, [], str(e))
+        except (CheckpointError, RecipeError) as e:
+            choice = (None, [], (e.__class__.__name__, str(e)))
     ckpt, passed_over, error = from_main_process(choice, run.accelerator)
     if error is not None:
-        raise CheckpointError(error)
+        raise (RecipeError if error[0] == "RecipeError" else CheckpointError)(error[1])
     for line in passed_over if run.main else ():
         print(f"checkpoint.resume: {line}")
     return Path(ckpt) if ckpt else None
+
+
+def check_identity(run: Run, ckpt: Path) -> list:
+    """The allowed changes a resume from ``ckpt`` makes (printed), after ``RecipeError`` for a
+    checkpoint of another run (another run directory's, or other settings, weights or data)."""
+    state = read_state(ckpt)
+    own = ckpt.parent.resolve() == (run.out / "checkpoints").resolve()
+    mine, theirs = (marker(run.out) or {}).get("run_id"), state.get("run_id")
+    if own and mine and theirs and mine != theirs:
+        raise RecipeError(f"checkpoint.resume: {ckpt} was written by another run (run id {theirs}, this directory's is {mine}); "
+                          "move it out of checkpoints/ to resume this run's own, or resume it from a run directory of its own")
+    old = state.get("identity")
+    if old is None:  # written before checkpoints carried an identity: nothing to compare
+        return list(state.get("changes", []))
+    refused, allowed = compare_identity(old, run.identity)
+    if refused:
+        raise RecipeError(f"checkpoint.resume: {ckpt} belongs to a run with other settings; what differs: " + "; ".join(refused)
+                          + ". Resume with the recipe it was written with, or start a new run (another output_dir, or --overwrite)")
+    for c in allowed:
+        print(f"checkpoint.resume: continuing with {c['key']} changed from {c['from']!r} to {c['to']!r}")
+    return [*state.get("changes", []), *({**c, "step": state["step"]} for c in allowed)]
 
 
 def loss_on(run: Run, batch: dict, idx: torch.Tensor):
@@ -408,6 +483,7 @@ def train_steps(run: Run) -> None:
                 group["lr"] = lr
             sums, bad, grad_norm, n_tokens, epoch = optimizer_step(run)
             run.step += 1
+            run.train_tokens += qat_train_tokens(recipe, 1, run.accelerator.num_processes)
             tokens += n_tokens
             if bad is not None:  # skipped: no update; the data moves on
                 skip_step(run, bad, epoch, lr, grad_norm)
@@ -435,8 +511,11 @@ def checkpoint(run: Run) -> None:
         run.clean_step = run.step
     root = run.out / "checkpoints"
     protect = root / f"step-{run.clean_step}" if run.bad_steps and run.clean_step is not None else None
-    state = {"max_steps": run.max_steps, "bad_steps": run.bad_steps, "clean_step": run.clean_step}
+    state = {"max_steps": run.max_steps, "bad_steps": run.bad_steps, "clean_step": run.clean_step, "train_tokens": run.train_tokens,
+             "run_id": (marker(run.out) or {}).get("run_id") if run.main else None, "identity": run.identity, "changes": run.changes}
     save_checkpoint(run.accelerator, root, run.step, state, run.recipe.checkpoint.keep, protect=protect)
+    if run.replaced is not None:  # the new run can stand in for the one --overwrite replaces
+        run.replaced.commit()
 
 
 def write_final(run: Run) -> None:
@@ -458,6 +537,8 @@ def write_final(run: Run) -> None:
             last = latest_checkpoint(run.out / "checkpoints")
             raise DiskError(run.out / "final", e, f"nothing partial was left; the last checkpoint is {last}" if last else "nothing partial was left") from None
         del final
+        if run.replaced is not None:  # the new run can stand in for the one --overwrite replaces
+            run.replaced.commit()
     del state
     acc.wait_for_everyone()
 
@@ -466,7 +547,7 @@ def evaluate_final(run: Run) -> None:
     """eval.json: final/ as loaded from disk (exact weights, fp32 arithmetic) vs the teacher, on
     every process; logged to the trackers."""
     recipe, acc = run.recipe, run.accelerator
-    result = {"steps": run.step, "processes": acc.num_processes, "train_tokens": qat_train_tokens(recipe, run.step, acc.num_processes),
+    result = {"steps": run.step, "processes": acc.num_processes, "train_tokens": run.train_tokens, "resume_changes": run.changes,
               "wall_time_s": None, "quantized_layers": len(run.report.layers) if run.report else 0, "frozen_layers": run.frozen}
     if run.valid_set is not None:
         ev = recipe.eval
