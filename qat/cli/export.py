@@ -9,6 +9,7 @@ from ..deps import MissingDependency
 
 def run(args) -> int:
     from ..export import ExportError, export
+    from ..io.rundir import DiskError
 
     try:
         export(args.run_dir, args.format, args.out, merge=args.merge_lora, overwrite=args.overwrite, verify=args.verify,
@@ -16,6 +17,9 @@ def run(args) -> int:
     except (ExportError, MissingDependency) as e:
         print(f"qat export: error: {e}", file=sys.stderr)
         return 2
+    except DiskError as e:
+        print(f"qat export: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -6,6 +6,9 @@ Writes to ``<output_dir>-ptq-<method>`` (beside the QAT run of the same recipe),
 
 from __future__ import annotations
 
+import sys
+
+from ..io.rundir import DiskError
 from ..recipe import PTQ_METHODS, RecipeError, load_recipe
 
 
@@ -16,7 +19,11 @@ def run(args) -> int:
     explicit = any(o.split("=", 1)[0] == "output_dir" for o in args.overrides)
     if args.processes < 1:
         raise RecipeError(f"--processes: must be at least 1 (got {args.processes})")
-    out = run_ptq(recipe, args.method, recipe.output_dir if explicit else None, overwrite=args.overwrite, processes=args.processes)
+    try:
+        out = run_ptq(recipe, args.method, recipe.output_dir if explicit else None, overwrite=args.overwrite, processes=args.processes)
+    except DiskError as e:
+        print(f"qat ptq: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {out}")
     return 0
 

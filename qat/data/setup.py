@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io.models import load_tokenizer, model_config
+from ..io.models import check_sources, load_tokenizer, model_config
 from ..policy import quant_plan
 from ..recipe import Recipe, RecipeError
 from .corpus import build_datasets, load_documents, train_tokenizer
@@ -36,6 +36,7 @@ def load_plan_and_data(recipe: Recipe, out: Path):
     before any weights load: what PTQ and ``qat analyze`` start from."""
     tokenizer = tokenizer_for(recipe, out, reuse_trained=False)
     config = model_config(recipe, tokenizer)
+    check_sources(recipe, config, tokenizer)
     check_positions(recipe, config)
     plan = quant_plan(recipe, config)
     try:

@@ -23,7 +23,7 @@ import torch
 
 from ..data import load_documents
 from ..deps import available, hint
-from ..io.models import first_line, load_model_dir
+from ..io.models import first_line, load_model_dir, vocab_size
 from ..recipe import DataSection, RecipeError, UsageError, load_recipe
 from .harness import run_lm_eval
 from .perplexity import make_windows, perplexity, token_stream
@@ -73,6 +73,10 @@ def check_args(args, target: Path, recipe) -> list[str]:
     if target.is_dir() and recipe is None and not (target / "config.json").is_file():
         return [f"{args.model} is neither a run directory (with final/) nor a model directory (with config.json)"]
     problems = []
+    for opt in ("batch_size", "seq_len", "stride", "max_tokens", "limit"):
+        v = getattr(args, opt)
+        if v is not None and v <= 0:
+            problems.append(f"--{opt.replace('_', '-')}: expected a positive integer, got {v}")
     if not (args.seq_len or recipe):
         problems.append("--seq-len: required when evaluating a model directory (no recipe to take it from)")
     if not (args.data or recipe):
@@ -127,6 +131,15 @@ def evaluate_model(args: EvalRequest) -> dict:
     teacher = None
     teacher_path = args.teacher or (recipe.teacher_path if recipe is not None and recipe.teacher is not None else None)
     if teacher_path and not args.no_teacher:
+        from transformers import AutoConfig
+
+        try:
+            t_vocab = vocab_size(AutoConfig.from_pretrained(str(teacher_path), trust_remote_code=remote))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--teacher: {teacher_path} cannot be loaded as a model ({e.__class__.__name__}: {first_line(e)})") from None
+        if t_vocab != vocab_size(model.config):
+            raise UsageError(f"--teacher: {teacher_path} has a vocabulary of {t_vocab} ids and the model {vocab_size(model.config)}; "
+                             "the KL needs the same vocabulary (or pass --no-teacher)")
         teacher, _ = load_model_dir(teacher_path, args.dtype, device, remote)
     res = perplexity(model, windows, args.batch_size, teacher=teacher, desc="eval")
     result = {

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from ..deps import require
 from ..io.final import ADAPTER_DIR, has_adapter
-from ..io.rundir import forbidden, resolved, write_json_atomic
+from ..io.rundir import DiskError, RunLock, forbidden, fsync_dir, fsync_tree, resolved, stale_temp_dirs, write_failure, write_json_atomic
 from .formats import FORMATS, WRITERS, _tokenizer_files
 from .merge import merge_lora, sample_ids
 from .packing import check_compressed_tensors, check_gptq_schemes
@@ -79,7 +79,10 @@ def record_eval(run_dir: Path, key: str, info: dict) -> None:
     path = run_dir / "eval.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     data.setdefault("export", {})[key] = info
-    write_json_atomic(path, data)
+    try:
+        write_json_atomic(path, data)
+    except OSError as e:
+        raise DiskError(path, e, "the export itself is complete") from None
 
 
 # -- the whole command ------------------------------------------------------------------------
@@ -123,6 +126,10 @@ def check_export(run_dir, fmt: str, out, merge: bool, overwrite: bool, verify: b
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     run, final = resolve_run(run_dir)
+    busy = RunLock.holder(run) if run is not None else None
+    if busy is not None:
+        raise ExportError(f"{run_dir}: the run is still being written (process {busy} holds it); its final/ will be replaced "
+                          "when it ends: export it then")
     layers = read_layers(final)
     if fmt in ("compressed-tensors", "gptq"):  # both pack with compressed-tensors' pack_to_int32
         require("compressed_tensors", f"qat export --format {fmt}")
@@ -154,8 +161,12 @@ def write_export(src, fmt: str, out: Path, final: Path, layers: dict, merge_info
     """Write the export into a temporary directory beside ``out`` and rename it over ``out``;
     returns the sizes and notes that go into eval.json."""
     keys = sorted({_scheme_key(i) for i in layers.values()}, key=str)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    prefix = f".{out.name}.tmp-"
+    tmp = out.with_name(f"{prefix}{os.getpid()}")
+    if out.parent.is_dir():
+        for stale in [tmp, *stale_temp_dirs(out.parent, prefix), *stale_temp_dirs(out.parent, f".{out.name}.old-")]:
+            shutil.rmtree(stale, ignore_errors=True)  # left by a killed export (qat's own names)
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
         notes = WRITERS[fmt](src, tmp)
@@ -182,12 +193,20 @@ def write_export(src, fmt: str, out: Path, final: Path, layers: dict, merge_info
             info["merge_lora"] = merge_info
         (tmp / EXPORT_INFO).write_text(json.dumps({**info, "source": str(final.resolve()), "layers": layers}, indent=1))
         info["bytes"] = dir_bytes(tmp)
-        if out.exists():  # check_export allowed it: an earlier qat export
-            shutil.rmtree(out)
+        fsync_tree(tmp)
         out.parent.mkdir(parents=True, exist_ok=True)
+        if out.exists():  # check_export allowed it: an earlier qat export, moved aside, deleted once replaced
+            os.replace(out, old)
         os.replace(tmp, out)
+        fsync_dir(out.parent)
+    except Exception as e:
+        if write_failure(e, out.parent) is None:
+            raise
+        raise DiskError(out, e, "nothing partial was left" + (f"; the earlier export in {out} is intact" if old.exists() or out.exists() else "")) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and out.exists():
+            shutil.rmtree(old, ignore_errors=True)
     info["ratio_vs_bf16"] = info["weights_bytes"] / info["bf16_weights_bytes"]
     return info
 

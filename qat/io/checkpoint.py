@@ -24,7 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .rundir import fsync_dir, fsync_tree, write_json_atomic
+from .rundir import DiskError, fsync_dir, fsync_tree, write_failure, write_json_atomic
 
 STATE_FILE = "qat_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -151,8 +151,9 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
         if not isinstance(e, Exception):  # KeyboardInterrupt, SystemExit: as they are
             raise
         kept = f"the previous checkpoint {previous} is intact" if previous else "there is no earlier checkpoint"
+        why = str(DiskError(root, e)) if write_failure(e, root) is not None else f"{e.__class__.__name__}: {first_line(e)}"
         raise CheckpointError(
-            f"could not write checkpoint step-{step} in {root} ({e.__class__.__name__}: {e}); "
+            f"could not write checkpoint step-{step} in {root} ({why}); "
             f"the incomplete files were removed and {kept}"
         ) from e
     accelerator.wait_for_everyone()
@@ -192,6 +193,10 @@ def _remove(ckpt: Path) -> None:
         _rm(doomed)
     os.replace(ckpt, doomed)
     _rm(doomed)
+
+
+def first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
 
 
 def _rm(p: Path) -> None:

@@ -139,7 +139,10 @@ def writing_final(final_dir: Path):
     final_dir = Path(final_dir)
     tmp = final_dir.with_name(f".{final_dir.name}.tmp-{os.getpid()}")
     old = final_dir.with_name(f".{final_dir.name}.old-{os.getpid()}")
-    for stale in [*final_dir.parent.glob(f".{final_dir.name}.tmp-*"), *final_dir.parent.glob(f".{final_dir.name}.old-*")]:
+    olds = sorted(final_dir.parent.glob(f".{final_dir.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not final_dir.exists():  # killed between moving the previous one aside and renaming the new one in
+        os.replace(olds.pop(), final_dir)
+    for stale in [*final_dir.parent.glob(f".{final_dir.name}.tmp-*"), *olds]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed write (qat's own names)
     tmp.mkdir(parents=True)
     try:

@@ -19,6 +19,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoT
 from ..deps import require
 from ..recipe import Recipe, RecipeError
 from .final import ADAPTER_DIR
+from .weights import check_weight_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -86,6 +87,41 @@ def check_unknown_keys(given: dict, config_class, defaults: dict, config) -> Non
     if stray:
         close = difflib.get_close_matches(stray[0], sorted(known), n=1, cutoff=0.75)
         raise RecipeError(f"model.config.{stray[0]}: unknown key for {config_class.model_type}" + (f" (did you mean {close[0]}?)" if close else ""))
+
+
+def vocab_size(config) -> int | None:
+    """The width of a model's logits (multimodal configs keep it on their text config)."""
+    v = getattr(config, "vocab_size", None)
+    if v is None and hasattr(config, "get_text_config"):
+        v = getattr(config.get_text_config(), "vocab_size", None)
+    return v
+
+
+def check_vocab(tokenizer, config, key: str) -> None:
+    """The tokenizer's ids fit the model's embedding (else the first batch fails with an IndexError)."""
+    v = vocab_size(config)
+    if tokenizer is not None and v is not None and len(tokenizer) > v:
+        raise RecipeError(f"{key}: the tokenizer has {len(tokenizer)} ids but the model's embedding has {v} rows; "
+                          "use the model's own tokenizer (tokenizer.path: null)")
+
+
+def check_sources(recipe: Recipe, config, tokenizer) -> None:
+    """Everything about the recipe's models that can be checked without loading weights, before
+    a run directory is touched: the weight files are whole, the tokenizer fits the student and
+    the teacher's vocabulary is the student's (KD compares their logits token by token)."""
+    m = recipe.model
+    check_weight_files(m.path, "model.path")
+    check_vocab(tokenizer, config, "tokenizer.path" if recipe.tokenizer.path else "model.path")
+    if recipe.teacher is not None and recipe.teacher_path is not None and recipe.teacher_path != m.path:
+        key = "teacher.path"
+        check_weight_files(recipe.teacher_path, key)
+        try:
+            t_config = AutoConfig.from_pretrained(recipe.teacher_path, trust_remote_code=m.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise RecipeError(f"{key}: could not load the config of {recipe.teacher_path}: {first_line(e)}") from None
+        if vocab_size(t_config) != vocab_size(config):
+            raise RecipeError(f"{key}: the teacher's vocabulary has {vocab_size(t_config)} ids and the student's {vocab_size(config)}; "
+                              "distillation needs the same vocabulary (a teacher of the same model family and tokenizer)")
 
 
 def first_line(e: BaseException) -> str:

@@ -54,9 +54,45 @@ NAME_MAX = 255  # the longest file name Linux file systems take
 class DiskError(RuntimeError):
     """A write of the run failed on the disk (full, read-only, ...): one line, exit code 1."""
 
-    def __init__(self, path: Path, e: OSError, kept: str = ""):
-        what = f"no space left on {path}" if e.errno == errno.ENOSPC else f"cannot write {path} ({e.strerror or e})"
+    def __init__(self, path: Path, e: BaseException, kept: str = ""):
+        e = write_failure(e, path) or e
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            what = f"no space left on {path}"
+        elif isinstance(e, OSError) and e.errno == errno.EROFS:
+            what = f"cannot write {path}: the file system is read-only"
+        else:
+            what = f"cannot write {path} ({getattr(e, 'strerror', None) or e})"
         super().__init__(what + (f"; {kept}" if kept else ""))
+
+
+def write_failure(e: BaseException, path: Path | None = None) -> OSError | None:
+    """``e`` as the ``OSError`` of a failed write, or None when it is not one. The libraries that
+    write weights lose the error number on the way: safetensors raises ``SafetensorError``
+    ("No space left on device (os error 28)"), torch's zip writer a ``RuntimeError`` ("file write
+    failed"); for the latter the free space of ``path`` tells a full disk apart."""
+    if isinstance(e, OSError):
+        return e
+    text = str(e)
+    for code in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES):
+        if f"os error {code})" in text or os.strerror(code) in text:
+            return OSError(code, os.strerror(code))
+    if type(e).__name__ == "SafetensorError" and ("IoError" in text or "I/O" in text):
+        return OSError(errno.EIO, text.splitlines()[0] if text else "I/O error")
+    if isinstance(e, RuntimeError) and ("file write failed" in text or "PytorchStreamWriter failed" in text):
+        if path is not None and _free_bytes(path) < (1 << 20):
+            return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return OSError(errno.EIO, "the zip writer failed")
+    return None
+
+
+def _free_bytes(path: Path) -> int:
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return 1 << 62
 
 
 def resolved(path: str | os.PathLike) -> Path:
@@ -222,6 +258,28 @@ class RunLock:
         os.write(self.fd, f"{os.getpid()}\n".encode())
         return self
 
+    @staticmethod
+    def holder(out: Path) -> int | None:
+        """The pid of the process that holds ``out``'s lock (a run still writing), else None."""
+        import fcntl
+
+        path = out / LOCK
+        if path.is_symlink() or not path.is_file():
+            return None
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                return int(os.read(fd, 32).decode().strip() or 0) or -1
+            except ValueError:
+                return -1
+        else:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        finally:
+            os.close(fd)
+
     def release(self) -> None:
         if self.fd is not None:
             import fcntl
@@ -243,6 +301,23 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def stale_temp_dirs(parent: Path, prefix: str) -> list[Path]:
+    """qat's own temporary directories ``<prefix><pid>`` under ``parent`` whose process is gone
+    (a killed write): safe to delete, and nothing else is."""
+    out = []
+    for p in parent.glob(f"{prefix}*"):
+        pid = p.name[len(prefix):]
+        if not pid.isdigit() or p.is_symlink():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            out.append(p)
+        except OSError:
+            pass
+    return out
 
 
 def fsync_tree(root: Path) -> None:

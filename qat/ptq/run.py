@@ -26,6 +26,7 @@ unless ``ptq.calib_tokens`` says otherwise ("same data constraint", arXiv 2410.1
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from ..evaluate.diagnostic import bits_per_weight, layer_output_errors, mean_err
 from ..evaluate.perplexity import perplexity
 from ..io.final import ADAPTER_DIR, LATENT_FILE, effective_weights, final_dtype, save_final, write_scales, writing_final
 from ..io.models import DTYPES, load_model_dir, load_models
-from ..io.rundir import RunLock, check_run_dir, create_run_dir, write_json_atomic, write_text_atomic
+from ..io.rundir import DiskError, RunLock, check_run_dir, create_run_dir, write_failure, write_json_atomic, write_text_atomic
 from ..quant.scheme import QuantScheme
 from ..recipe import PTQ_METHODS, Recipe, RecipeError
 from .awq import awq_block
@@ -171,48 +172,74 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
     out = check_ptq(recipe, method, out_dir, overwrite)
     t_start = time.perf_counter()
     torch.manual_seed(recipe.train.seed)
-    out.mkdir(parents=True, exist_ok=True)
-    with RunLock(out):
-        create_run_dir(out, "ptq", clear=overwrite)
-        recipe = recipe.model_copy(update={"output_dir": str(out)})
-        write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
-        tokenizer, config, plan, train_set, valid_set = load_plan_and_data(recipe, out)
-        calib, why = calibration_set(recipe, method, train_set, processes)
-        save_dtype = DTYPES[final_dtype(recipe, config)]  # from the source config, before loading changes it
-        student, teacher = load_models(recipe, config)
-        student.eval().requires_grad_(False)
-        device, store, offload = place(recipe, student, config, calib)
-        timings = {"setup_s": time.perf_counter() - t_start}
-        t_q = time.perf_counter()
-        lora, info, folds = quantize_ptq(student, plan, method, calib, recipe.ptq, device, store)
-        timings["quantize_s"] = time.perf_counter() - t_q
-        t_phase = time.perf_counter()
-        write_ptq_final(out / "final", student, tokenizer, save_dtype, method, info, folds, lora)
-        del student
-        timings["save_s"] = time.perf_counter() - t_phase
-        result = {
-            "method": method,
-            "bits": sorted({s.bits for s in plan.values()}),
-            "group_size": sorted({s.group_size or 0 for s in plan.values()}),
-            "quantized_layers": len(plan),
-            "bits_per_weight": 4 + 32 / 64 if method == "nf4" else bits_per_weight(out / "final"),  # nf4: fp32 absmax per 64
-            "calib_tokens": calib.n_tokens if calib is not None else 0,
-            "calib_sequences": len(calib) if calib is not None else 0,
-            "calib_budget": why,
-            "qat_processes": processes,
-            "device": str(device),
-            "offload": offload,
-            "quant_time_s": timings["quantize_s"],
-            "wall_time_s": None,
-            "details": info if method in ("gptq", "awq", "block-ap") else {"note": "bitsandbytes NF4 blocksize 64, not on qat's integer grid"} if method == "nf4" else None,
-            "lora_rank": recipe.ptq.qera.rank if lora else None,
-            "timings": timings,
-        }
-        if valid_set is not None:
-            evaluate_ptq(recipe, method, out / "final", valid_set, teacher, device, result)
-        result["wall_time_s"] = time.perf_counter() - t_start
-        write_json_atomic(out / "eval.json", result)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(out).acquire()
+    except OSError as e:
+        raise DiskError(out, e, "nothing was written") from None
+    with lock:
+        replaced = create_run_dir(out, "ptq", clear=overwrite)
+        try:
+            result = ptq_steps(recipe, method, out, processes, t_start, replaced)
+        except BaseException:
+            if replaced is not None and replaced.active:  # nothing yet to stand in for the old run
+                replaced.restore()
+                print(f"qat: the run --overwrite was to replace is back in place in {out}", file=sys.stderr)
+            raise
     return out
+
+
+def ptq_steps(recipe: Recipe, method: str, out: Path, processes: int, t_start: float, replaced) -> dict:
+    """The PTQ run itself, in its locked directory: recipe, data, quantize, final/, eval.json."""
+    recipe = recipe.model_copy(update={"output_dir": str(out)})
+    write_text_atomic(out / "recipe.yaml", recipe.to_yaml())
+    tokenizer, config, plan, train_set, valid_set = load_plan_and_data(recipe, out)
+    calib, why = calibration_set(recipe, method, train_set, processes)
+    save_dtype = DTYPES[final_dtype(recipe, config)]  # from the source config, before loading changes it
+    student, teacher = load_models(recipe, config)
+    student.eval().requires_grad_(False)
+    device, store, offload = place(recipe, student, config, calib)
+    timings = {"setup_s": time.perf_counter() - t_start}
+    t_q = time.perf_counter()
+    lora, info, folds = quantize_ptq(student, plan, method, calib, recipe.ptq, device, store)
+    timings["quantize_s"] = time.perf_counter() - t_q
+    t_phase = time.perf_counter()
+    try:
+        write_ptq_final(out / "final", student, tokenizer, save_dtype, method, info, folds, lora)
+    except Exception as e:  # OSError, or what safetensors / torch raise for a failed write
+        if write_failure(e, out) is None:
+            raise
+        raise DiskError(out / "final", e, "nothing partial was left") from None
+    if replaced is not None:
+        replaced.commit()
+    del student
+    timings["save_s"] = time.perf_counter() - t_phase
+    result = {
+        "method": method,
+        "bits": sorted({s.bits for s in plan.values()}),
+        "group_size": sorted({s.group_size or 0 for s in plan.values()}),
+        "quantized_layers": len(plan),
+        "bits_per_weight": 4 + 32 / 64 if method == "nf4" else bits_per_weight(out / "final"),  # nf4: fp32 absmax per 64
+        "calib_tokens": calib.n_tokens if calib is not None else 0,
+        "calib_sequences": len(calib) if calib is not None else 0,
+        "calib_budget": why,
+        "qat_processes": processes,
+        "device": str(device),
+        "offload": offload,
+        "quant_time_s": timings["quantize_s"],
+        "wall_time_s": None,
+        "details": info if method in ("gptq", "awq", "block-ap") else {"note": "bitsandbytes NF4 blocksize 64, not on qat's integer grid"} if method == "nf4" else None,
+        "lora_rank": recipe.ptq.qera.rank if lora else None,
+        "timings": timings,
+    }
+    if valid_set is not None:
+        evaluate_ptq(recipe, method, out / "final", valid_set, teacher, device, result)
+    result["wall_time_s"] = time.perf_counter() - t_start
+    try:
+        write_json_atomic(out / "eval.json", result)
+    except OSError as e:
+        raise DiskError(out / "eval.json", e, f"final/ is complete in {out / 'final'}") from None
+    return result
 
 
 def check_ptq(recipe: Recipe, method: str, out_dir: str | Path | None, overwrite: bool) -> Path:

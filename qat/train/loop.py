@@ -38,8 +38,8 @@ from ..distill.teacher_cache import precompute as precompute_teacher_cache
 from ..evaluate.perplexity import perplexity
 from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint, set_aside_newer, usable_checkpoint
 from ..io.final import final_dtype, writing_final
-from ..io.models import DTYPES, first_line, load_model_dir, load_models, load_student, model_config
-from ..io.rundir import DiskError, Replacement, RunLock, check_run_dir, create_run_dir, marker, write_json_atomic, write_text_atomic
+from ..io.models import DTYPES, check_sources, first_line, load_model_dir, load_models, load_student, model_config
+from ..io.rundir import DiskError, Replacement, RunLock, check_run_dir, create_run_dir, marker, write_failure, write_json_atomic, write_text_atomic
 from ..policy import build_student_quant, dry_run_quant, freeze_due, freeze_layers, schedule_transitions
 from ..quant.apply import set_fake_quant
 from ..recipe import Recipe, RecipeError
@@ -92,9 +92,9 @@ def start_run_dir(run: "Run", clear: bool, resuming: bool, held: bool) -> None:
     recipe, out = run.recipe, run.out
     try:
         out.mkdir(parents=True, exist_ok=True)
+        run.lock = RunLock(out).acquire()
     except OSError as e:
-        raise DiskError(out, e) from None
-    run.lock = RunLock(out).acquire()
+        raise DiskError(out, e, "nothing was written") from None
     try:
         run.replaced = create_run_dir(out, "train", clear, held_before=held)
         if not resuming:
@@ -237,6 +237,7 @@ def prepare_data(run: Run, overwrite: bool, resume_from: Path | None, held: bool
     with acc.main_process_first():
         run.tokenizer = tokenizer_for(recipe, run.out, reuse_trained=not run.main or recipe.checkpoint.resume is not None)
         run.config = model_config(recipe, run.tokenizer)
+        check_sources(recipe, run.config, run.tokenizer)  # whole weight files, matching vocabularies
         run.save_dtype = final_dtype(recipe, run.config)  # from the source config, before loading changes it
         check_positions(recipe, run.config)
         dry_run_quant(recipe, run.config)
@@ -533,7 +534,9 @@ def write_final(run: Run) -> None:
         try:
             with writing_final(run.out / "final") as tmp:  # atomic: a failed write leaves no partial final/
                 save_lora_final(final, run.tokenizer, tmp, DTYPES[run.save_dtype])  # peft: merged and re-quantized, or adapter/
-        except OSError as e:
+        except Exception as e:  # OSError, or what safetensors / torch raise for a failed write
+            if write_failure(e, run.out) is None:
+                raise
             last = latest_checkpoint(run.out / "checkpoints")
             raise DiskError(run.out / "final", e, f"nothing partial was left; the last checkpoint is {last}" if last else "nothing partial was left") from None
         del final
@@ -559,7 +562,10 @@ def evaluate_final(run: Run) -> None:
             print(_eval_line(result))
     if run.main:
         result["wall_time_s"] = time.perf_counter() - run.t_start
-        write_json_atomic(run.out / "eval.json", result)
+        try:
+            write_json_atomic(run.out / "eval.json", result)
+        except OSError as e:
+            raise DiskError(run.out / "eval.json", e, f"final/ is complete in {run.out / 'final'}") from None
         if acc.trackers:
             try:
                 acc.log({f"final/{k}_ppl": v["ppl"] for k, v in result.items() if isinstance(v, dict)}, step=run.step)
