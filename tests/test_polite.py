@@ -5,6 +5,7 @@ None of these needs the ../shared fixtures: the from-scratch quickstart recipe s
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import PRETRAIN, SCRATCH_SMALL  # noqa: E402
 
 from qat.cli import main
@@ -77,27 +79,55 @@ def test_multi_process_launch_without_cpu_flag_is_one_line(tmp_path, capsys, mon
     assert "ACCELERATE_USE_CPU=1" in err and not out.exists()
 
 
-def test_ctrl_c_says_where_the_last_checkpoint_is(tmp_path):
+def start_endless(tmp_path, *extra):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "qat", "train", PRETRAIN, f"output_dir={out}", *SCRATCH_SMALL, "train.max_steps=100000",
-            "checkpoint.every=1", "train.log_every=1000", "eval.every=0"]
+            "train.log_every=1", "eval.every=0", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     # a background job (`nohup ... &`, a CI runner) inherits SIGINT ignored, and Python then installs
     # no KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 240
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().count("\n") >= 2) \
+            and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return proc, out
+
+
+@pytest.mark.parametrize("sig,every", [(signal.SIGINT, 1), (signal.SIGTERM, 1000)])
+def test_a_stop_signal_checkpoints_at_the_step_boundary_and_says_where(tmp_path, sig, every):
+    """Ctrl-C, or the SIGTERM a scheduler sends before it preempts a job: the run stops at the next
+    step boundary with a checkpoint (when the recipe checkpoints: here every 1000 steps, never
+    reached), says where and how to resume, and exits 128 + the signal."""
+    proc, out = start_endless(tmp_path, f"checkpoint.every={every}")
     try:
-        deadline = time.time() + 240
-        while not list((out / "checkpoints").glob("step-*")) and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.2)
         assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=120)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 128 + sig, err[-2000:]
     last = err.strip().splitlines()[-1]
     assert "Traceback" not in err, err[-3000:]
-    assert "qat: interrupted. Last checkpoint:" in last and "checkpoint.resume=auto" in last, last
+    assert f"received: stopping after this step" in err, err[-2000:]
+    assert f"qat: interrupted ({sig.name}). Last checkpoint:" in last and "checkpoint.resume=auto" in last, last
     step = last.split("Last checkpoint: ")[1].split(";")[0]
     assert Path(step).is_dir() and Path(step).parent == out / "checkpoints", last
+    logged = [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert Path(step).name == f"step-{max(logged)}", (step, logged)  # the last step taken is the one kept
+
+
+def test_a_second_stop_signal_stops_at_once(capsys):
+    from qat.train.loop import Interrupted, stop_requests
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped:
+        with stop_requests(main=True) as got:
+            os.kill(os.getpid(), signal.SIGTERM)  # the first: noted, the loop stops at its next step boundary
+            assert got == [signal.SIGTERM]
+            os.kill(os.getpid(), signal.SIGTERM)  # the second: at once
+            raise AssertionError("the second signal did not stop")
+    assert stopped.value.signum == signal.SIGTERM
+    assert "SIGTERM received: stopping after this step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are the loop's only

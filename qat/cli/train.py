@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
 from pathlib import Path
 
@@ -36,10 +37,11 @@ def run(args) -> int:
         if rank_zero():
             print(f"qat: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: one line, where the run can pick up again
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line, where the run can pick up again
+        signum = getattr(e, "signum", signal.SIGINT)
         if rank_zero():
-            print(f"\nqat: interrupted. {resume_hint(recipe, args)}", file=sys.stderr)
-        return 130
+            print(f"\nqat: interrupted ({signal.Signals(signum).name}). {resume_hint(recipe, args)}", file=sys.stderr)
+        return 128 + signum
     if rank_zero():
         print(f"run directory: {out}")
     return 0

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,6 +110,51 @@ def start_run_dir(run: "Run", clear: bool, resuming: bool, held: bool) -> None:
 
 class LaunchError(RuntimeError):
     """The processes were launched in a way that cannot train (the CLI: one line, exit code 2)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT or SIGTERM (``signum``), after a checkpoint at the step boundary
+    when the recipe checkpoints (the CLI: where to resume, exit code 128 + signum)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def stop_requests(main: bool):
+    """While the loop runs, SIGINT (Ctrl-C) and SIGTERM (what a scheduler sends before it
+    preempts a job) ask it to stop at the next step boundary: yields the list the signal numbers
+    land in. A second signal stops at once. A signal that is ignored (a background job's SIGINT)
+    stays ignored."""
+    got: list[int] = []
+
+    def handler(signum, frame):
+        if got:  # the second one: at once
+            raise Interrupted(signum)
+        got.append(signum)
+        if main:
+            print(f"\nqat: {signal.Signals(signum).name} received: stopping after this step (with a checkpoint if the recipe "
+                  "checkpoints); send it again to stop at once", file=sys.stderr, flush=True)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(s) is not signal.SIG_IGN:
+                previous[s] = signal.signal(s, handler)
+    try:
+        yield got
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def stop_signal(run: "Run", got: list[int]) -> int:
+    """The signal that asks every process to stop (0: none), the same answer on all of them."""
+    mine = got[0] if got else 0
+    if run.accelerator.num_processes == 1:
+        return mine
+    return int(run.accelerator.gather(torch.tensor([mine], device=run.accelerator.device)).max().item())
 
 
 class TrainingStopped(RuntimeError):
@@ -466,43 +514,58 @@ def log_row(run: Run, sums: torch.Tensor, epoch: int, lr: float, grad_norm: floa
 
 
 def train_steps(run: Run) -> None:
-    """The loop: schedule, step, log (and evaluate), checkpoint, until ``max_steps``."""
+    """The loop: schedule, step, log (and evaluate), checkpoint, until ``max_steps``; SIGINT or
+    SIGTERM stops it at a step boundary, after a checkpoint when the recipe checkpoints."""
     from tqdm.auto import tqdm
 
-    recipe, t = run.recipe, run.recipe.train
+    recipe = run.recipe
     pbar = tqdm(total=run.max_steps, initial=run.step, disable=not run.main or run.step >= run.max_steps, desc="qat train", dynamic_ncols=True)
-    pending = torch.zeros(4, device=run.accelerator.device)  # loss, kd, ce, micro-batches since the last log
-    tokens, since = 0, time.perf_counter()
+    window = {"sums": torch.zeros(4, device=run.accelerator.device), "tokens": 0, "since": time.perf_counter()}  # since the last log row
     run.student.train()
     if recipe.quant is not None and recipe.quant.start_step and run.step > recipe.quant.start_step:
         set_fake_quant(run.student, True)  # resumed past the switch (the checkpoint holds its qparams)
     try:  # the bar is closed before any message that ends the run (Ctrl-C, a stop) is printed
-        while run.step < run.max_steps:
-            schedule_transitions(run.accelerator.unwrap_model(run.student), recipe, run.step, run.main)
-            t_step, lr = time.perf_counter(), lr_at(run.step, recipe, run.max_steps)
-            for group in run.optimizer.param_groups:
-                group["lr"] = lr
-            sums, bad, grad_norm, n_tokens, epoch = optimizer_step(run)
-            run.step += 1
-            run.train_tokens += qat_train_tokens(recipe, 1, run.accelerator.num_processes)
-            tokens += n_tokens
-            if bad is not None:  # skipped: no update; the data moves on
-                skip_step(run, bad, epoch, lr, grad_norm)
-            else:
-                pending += sums
-            do_eval = run.valid_set is not None and recipe.eval.every and run.step % recipe.eval.every == 0 and run.step < run.max_steps
-            if (run.step % t.log_every == 0 or run.step == run.max_steps or do_eval) and pending[3].item() > 0:
-                row = log_row(run, pending, epoch, lr, grad_norm, tokens, since, t_step, do_eval)
-                if do_eval and run.main:
-                    pbar.write(f"step {run.step}: validation perplexity {row['val_ppl']:.4f} (loss {row['val_loss']:.4f})")
-                pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)  # shown by the update below
-                pending.zero_()
-                tokens, since = 0, time.perf_counter()
-            pbar.update(1)
-            if recipe.checkpoint.every and run.step % recipe.checkpoint.every == 0 and bad is None:  # none while steps are skipped
-                checkpoint(run)
+        with stop_requests(run.main) as got:
+            while run.step < run.max_steps:
+                bad = one_step(run, pbar, window)
+                signum = stop_signal(run, got)
+                if signum:
+                    if recipe.checkpoint.every and bad is None and run.step % recipe.checkpoint.every:
+                        checkpoint(run)  # the step boundary: what was trained is kept
+                    raise Interrupted(signum)
     finally:
         pbar.close()
+
+
+def one_step(run: Run, pbar, window: dict) -> str | None:
+    """One optimizer step of the loop with its log row (``window``: the sums, tokens and start of
+    the rows's steps), evaluation and checkpoint; returns why it was skipped (None: taken)."""
+    recipe, t = run.recipe, run.recipe.train
+    schedule_transitions(run.accelerator.unwrap_model(run.student), recipe, run.step, run.main)
+    t_step, lr = time.perf_counter(), lr_at(run.step, recipe, run.max_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    sums, bad, grad_norm, n_tokens, epoch = optimizer_step(run)
+    run.step += 1
+    run.train_tokens += qat_train_tokens(recipe, 1, run.accelerator.num_processes)
+    window["tokens"] += n_tokens
+    pending = window["sums"]
+    if bad is not None:  # skipped: no update; the data moves on
+        skip_step(run, bad, epoch, lr, grad_norm)
+    else:
+        pending += sums
+    do_eval = run.valid_set is not None and recipe.eval.every and run.step % recipe.eval.every == 0 and run.step < run.max_steps
+    if (run.step % t.log_every == 0 or run.step == run.max_steps or do_eval) and pending[3].item() > 0:
+        row = log_row(run, pending, epoch, lr, grad_norm, window["tokens"], window["since"], t_step, do_eval)
+        if do_eval and run.main:
+            pbar.write(f"step {run.step}: validation perplexity {row['val_ppl']:.4f} (loss {row['val_loss']:.4f})")
+        pbar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", refresh=False)  # shown by the update below
+        pending.zero_()
+        window["tokens"], window["since"] = 0, time.perf_counter()
+    pbar.update(1)
+    if recipe.checkpoint.every and run.step % recipe.checkpoint.every == 0 and bad is None:  # none while steps are skipped
+        checkpoint(run)
+    return bad
 
 
 def checkpoint(run: Run) -> None:
