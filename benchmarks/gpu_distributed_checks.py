@@ -49,7 +49,7 @@ def check_final(run: Path, frozen_like: Path | None) -> int:
     final = run / "final"
     state = _final_state(run)
     layers = json.loads((final / "qat_quant.json").read_text())["layers"]
-    qparams = load_file(str(final / "qat_qparams.safetensors"))
+    qparams = load_file(str(final / "qat" / "qparams.safetensors"))
     off_grid = []
     for name, info in layers.items():
         w = state[f"{name}.weight"]

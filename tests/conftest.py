@@ -101,7 +101,7 @@ def assert_finals_match(one: Path, two: Path, lr: float, steps: int, bits: int =
     from qat.quant.grid import quantize
 
     a, b = (load_file(str(d / "final" / "model.safetensors")) for d in (one, two))
-    qa, qb = (load_file(str(d / "final" / "qat_qparams.safetensors")) for d in (one, two))
+    qa, qb = (load_file(str(d / "final" / "qat" / "qparams.safetensors")) for d in (one, two))
     layers = json.loads((one / "final" / "qat_quant.json").read_text())["layers"]
     for key in a:
         name = key.removesuffix(".weight")

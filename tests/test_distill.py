@@ -298,7 +298,7 @@ def test_training_from_the_cache(at_repo, tmp_path, monkeypatch):
     assert kd[-1] < 0.7 * kd[0], kd
     assert len(list((out / "teacher-cache").glob("shard-*.safetensors"))) == 2  # 8 blocks, 4 per shard
     final = load_file(str(out / "final" / "model.safetensors"))
-    qparams = load_file(str(out / "final" / "qat_qparams.safetensors"))
+    qparams = load_file(str(out / "final" / "qat" / "qparams.safetensors"))
     name = "model.layers.0.self_attn.q_proj"
     w, scale = final[f"{name}.weight"], qparams[f"{name}.weight_scale"]
     codes = quantize(w, scale, qparams[f"{name}.weight_zero_point"], 4, True, 64)

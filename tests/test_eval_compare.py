@@ -162,7 +162,7 @@ def test_ptq_run_dir_layout_and_adapter(compared):
     from qat.recipe import load_recipe
 
     run = compared / "tiny-ptq-qera-exact"
-    for f in ("recipe.yaml", "eval.json", "final/config.json", "final/qat_quant.json", "final/qat_qparams.safetensors", "final/adapter/adapter_config.json"):
+    for f in ("recipe.yaml", "eval.json", "final/config.json", "final/qat_quant.json", "final/qat/qparams.safetensors", "final/adapter/adapter_config.json"):
         assert (run / f).exists(), f
     ev = json.loads((run / "eval.json").read_text())
     assert ev["method"] == "qera-exact" and ev["calib_tokens"] == 3 * 4 * 128 and ev["lora_rank"] == 8

@@ -208,7 +208,7 @@ def test_final_defaults_to_the_source_checkpoint_dtype(tmp_path):
     out = tmp_path / "default"
     assert main(["train", TINY_RECIPE, f"output_dir={out}", *_paths(), *QUICK, *NO_TEACHER, "train.max_steps=0"]) == 0
     final = load_file(str(out / "final" / "model.safetensors"))
-    qparams = load_file(str(out / "final" / "qat_qparams.safetensors"))
+    qparams = load_file(str(out / "final" / "qat" / "qparams.safetensors"))
     assert {t.dtype for t in final.values()} == {torch.bfloat16}
     assert {t.dtype for t in qparams.values()} == {torch.bfloat16}
     assert json.loads((out / "final" / "config.json").read_text())["dtype"] == "bfloat16"
@@ -345,7 +345,7 @@ def test_int2_mixed_precision_refused_and_fake_roundtrips(runs, tmp_path, capsys
     assert layers == json.loads((run / "final" / "qat_quant.json").read_text())["layers"]
     assert layers["model.layers.0.mlp.down_proj"]["bits"] == 2
     assert torch.equal(logits(load(run / "final")), logits(load(out)))
-    qp, w = load_file(str(out / "qat_qparams.safetensors")), load_file(str(out / "model.safetensors"))
+    qp, w = load_file(str(out / "qat" / "qparams.safetensors")), load_file(str(out / "model.safetensors"))
     name = "model.layers.1.mlp.down_proj"  # codes * scale reproduce the saved weights
     s, z = qp[f"{name}.weight_scale"], qp[f"{name}.weight_zero_point"]
     codes = torch.round(w[f"{name}.weight"].double().view(s.shape[0], s.shape[1], -1) / s.double().unsqueeze(-1)).view_as(w[f"{name}.weight"])
@@ -504,7 +504,7 @@ def test_merge_lora_on_the_seq_grid_requantizes_onto_it(runs, tmp_path, capsys):
     assert export(run, out, "fake", "--merge-lora") == 0
     assert "logit change" in capsys.readouterr().out
     base, merged = load_file(str(run / "final" / "model.safetensors")), load_file(str(out / "model.safetensors"))
-    qp = load_file(str(out / "qat_qparams.safetensors"))
+    qp = load_file(str(out / "qat" / "qparams.safetensors"))
     for i in range(4):
         name = f"model.layers.{i}.self_attn.q_proj"
         w, s, z = merged[f"{name}.weight"].double(), qp[f"{name}.weight_scale"].double(), qp[f"{name}.weight_zero_point"]

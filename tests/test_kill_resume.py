@@ -259,7 +259,7 @@ def test_sigkill_at_random_points_then_resume_is_bit_identical(zygote, tmp_path)
     assert "resumed from" in files["log"].read_text()
 
     # final weights and quantization parameters
-    for name in ("model.safetensors", "qat_qparams.safetensors"):
+    for name in ("model.safetensors", "qat/qparams.safetensors"):
         a, b = load_file(str(ref / "final" / name)), load_file(str(out / "final" / name))
         assert a.keys() == b.keys()
         for k in a:

@@ -166,7 +166,7 @@ def test_init_from_block_ap_starts_at_its_model_and_its_trained_latent_weights(t
     ptq = tmp_path / "block-ap"
     assert main(["ptq", TINY, "--method", "block-ap", f"output_dir={ptq}", *FAST[:3], "train.max_steps=4", "data.valid_files=null"]) == 0
     ref = weights(ptq)
-    latent = load_file(str(ptq / "final" / "qat_latent.safetensors"))
+    latent = load_file(str(ptq / "final" / "qat" / "latent.safetensors"))
     details = json.loads((ptq / "eval.json").read_text())["details"]
     assert len(latent) == 28 and all(not torch.equal(latent[n].to(ref[n].dtype), ref[n]) for n in latent)
     assert len(details) == 4 and all(b["steps"] == 2 * 2 and b["mse_last_epoch"] < b["mse_first_epoch"] for b in details.values())
@@ -182,11 +182,11 @@ def test_init_from_gptq_starts_at_the_gptq_model(tmp_path):
     ptq = tmp_path / "gptq"
     assert main(["ptq", TINY, "--method", "gptq", f"output_dir={ptq}", *FAST[:3], "train.max_steps=4", "data.valid_files=null"]) == 0
     ref = weights(ptq)
-    ref_qp = load_file(str(ptq / "final" / "qat_qparams.safetensors"))
+    ref_qp = load_file(str(ptq / "final" / "qat" / "qparams.safetensors"))
     rtn = weights(run(tmp_path / "rtn", "train.max_steps=0"))
     for extra in ([], ["quant.learnable=true", "freeze.policy=none"]):
         out = run(tmp_path / f"init{len(extra)}", "train.max_steps=0", f"quant.init_from={ptq}", *extra)
-        got, qp = weights(out), load_file(str(out / "final" / "qat_qparams.safetensors"))
+        got, qp = weights(out), load_file(str(out / "final" / "qat" / "qparams.safetensors"))
         layers = json.loads((out / "final" / "qat_quant.json").read_text())["layers"]
         for n in layers:  # learnable: the same scale tensor; dynamic: min-max x clip ratio gives it within an ulp
             if extra:
@@ -203,10 +203,10 @@ def test_init_from_gptq_starts_at_the_gptq_model(tmp_path):
     from qat.policy.init_from import load_quantized_start
     from qat.quant.grid import group_view, quantize
 
-    latent = load_file(str(ptq / "final" / "qat_latent.safetensors"))
+    latent = load_file(str(ptq / "final" / "qat" / "latent.safetensors"))
     model = AutoModelForCausalLM.from_pretrained(require_tiny(), dtype=torch.float32)
     quantize_model(model, QuantScheme(bits=4, group_size=64))
-    assert "latent weights from qat_latent.safetensors" in load_quantized_start(model, ptq)
+    assert "latent weights from qat/latent.safetensors" in load_quantized_start(model, ptq)
     dist, kept = [], []
     for n in layers:
         w = model.get_submodule(n).weight.detach()
@@ -233,7 +233,7 @@ def test_seq_grid_end_to_end_ptq_init_from_train_and_export(tmp_path, capsys):
     ptq = tmp_path / "gptq"
     assert main(["ptq", TINY, "--method", "gptq", f"output_dir={ptq}", *FAST[:3], *seq, "train.max_steps=4", "data.valid_files=null"]) == 0
     layers = json.loads((ptq / "final" / "qat_quant.json").read_text())["layers"]
-    ref, ref_qp = weights(ptq), load_file(str(ptq / "final" / "qat_qparams.safetensors"))
+    ref, ref_qp = weights(ptq), load_file(str(ptq / "final" / "qat" / "qparams.safetensors"))
     assert len(layers) == 28 and all(i["grid"] == "seq" and not i["symmetric"] for i in layers.values())
     assert all(torch.equal(z, torch.full_like(z, 1.5)) for k, z in ref_qp.items() if k.endswith("zero_point"))
     for extra in (["quant.learnable=true"], ["quant.learnable=false"]):
@@ -246,7 +246,7 @@ def test_seq_grid_end_to_end_ptq_init_from_train_and_export(tmp_path, capsys):
     out = run(tmp_path / "qat", *seq, "train.max_steps=6", "train.warmup_steps=1")
     loss = losses(out)
     assert loss[-1] < loss[0], loss
-    w, qp = weights(out), load_file(str(out / "final" / "qat_qparams.safetensors"))
+    w, qp = weights(out), load_file(str(out / "final" / "qat" / "qparams.safetensors"))
     for n in layers:
         s, z = qp[f"{n}.weight_scale"], qp[f"{n}.weight_zero_point"]
         steps = group_view(w[f"{n}.weight"].float(), 64) / s.float().unsqueeze(-1)  # final/ is bf16: 1.5 * s rounds

@@ -312,15 +312,19 @@ def test_scale_grad_keeps_values_and_scales_the_gradient():
     assert lsq_grad_factor(64, 2, False) == pytest.approx(1 / (64 * 3) ** 0.5)
 
 
-def test_positive_floors_scales_at_eps():
-    from qat.quant.grid import positive
+def test_positive_floors_scales_at_an_absolute_value():
+    from qat.quant.grid import SCALE_FLOOR, positive
 
-    s = torch.tensor([0.5, 1e-9, -0.1], requires_grad=True)
+    s = torch.tensor([0.5, 1e-9, -0.1, 1e-7], requires_grad=True)
     p = positive(s)
-    eps = torch.finfo(torch.float32).eps
-    assert p.tolist() == [0.5, eps, eps]
+    floor = torch.tensor(SCALE_FLOOR).item()
+    assert p.tolist() == [0.5, floor, floor, torch.tensor(1e-7).item()]  # 1e-7 < fp32 eps, kept
     p.sum().backward()
-    assert s.grad.tolist() == [1.0, 0.0, 0.0]
+    assert s.grad.tolist() == [1.0, 0.0, 0.0, 1.0]
+    # not the dtype's epsilon: bf16's is 0.0078, the size of a W4 scale of a N(0, 0.02) weight
+    b = torch.tensor([0.004, 1e-5], dtype=torch.bfloat16)
+    assert positive(b).tolist() == b.tolist()
+    assert positive(torch.tensor([1e-9], dtype=torch.float16)).item() == torch.finfo(torch.float16).tiny  # fp16: its smallest normal
 
 
 # --------------------------------------------------------------------------------------------

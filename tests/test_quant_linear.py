@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qat.quant.grid import group_view, minmax_qparams, mse_clip_ratio, quantize
+from qat.quant.grid import SCALE_FLOOR, group_view, minmax_qparams, mse_clip_ratio, quantize
 from qat.quant.linear import QATLinear, QuantizedWeight
 from qat.quant.scheme import QuantConfigError, QuantScheme
 
@@ -214,7 +214,7 @@ def test_learnable_scale_pushed_below_zero_stays_positive():
     with torch.no_grad():
         q.weight_scale[0, 0] = -0.05
     s, _ = q.qparams()
-    assert s[0, 0].item() == torch.finfo(torch.float32).eps and (s > 0).all()
+    assert s[0, 0].item() == pytest.approx(SCALE_FLOOR) and (s > 0).all()
     qw = q.quantized_weight()
     assert (qw.scale > 0).all()
     x = _x(3, 64)

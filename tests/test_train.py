@@ -84,7 +84,7 @@ def test_final_loads_with_plain_transformers_and_is_on_grid(kd_run):
     assert all(type(m).__name__ != "QATLinear" for m in model.modules())
     layers = json.loads((kd_run / "final" / "qat_quant.json").read_text())["layers"]
     assert len(layers) == 28 and sum(v["frozen"] for v in layers.values()) == 8
-    qparams = load_file(str(kd_run / "final" / "qat_qparams.safetensors"))
+    qparams = load_file(str(kd_run / "final" / "qat" / "qparams.safetensors"))
     state = model.state_dict()
     for name, info in layers.items():
         w = state[f"{name}.weight"]
@@ -142,7 +142,7 @@ def test_kd_plus_ce_and_plain_finetune(tmp_path):
     out = run(tmp_path / "mix", "quant=null", "freeze.policy=none", "distill.ce_weight=0.5", "train.max_steps=3", "train.log_every=1")
     for x in rows(out):
         assert x["loss"] == pytest.approx(x["kd_loss"] + 0.5 * x["ce_loss"], rel=1e-5)
-    assert not (out / "final" / "qat_qparams.safetensors").exists()
+    assert not (out / "final" / "qat" / "qparams.safetensors").exists()
     assert json.loads((out / "final" / "qat_quant.json").read_text()) == {"layers": {}}
 
 

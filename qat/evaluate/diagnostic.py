@@ -8,7 +8,7 @@ reference on held-out inputs and, at every quantized Linear, measures
 with ``X`` the inputs the *reference* layer receives (the same inputs for every variant, so the
 numbers are comparable across methods) and ``W_hat`` the variant's effective weight (on-grid
 weight, plus ``B A`` scaled when the variant carries a LoRA correction in ``final/adapter``,
-mapped back through the per-channel factors AWQ folded into it, ``final/qat_scales.safetensors``:
+mapped back through the per-channel factors AWQ folded into it, ``final/qat/scales.safetensors``:
 ``diag(output_scale) W_hat diag(input_scale)^-1``, so a layer that now receives ``x / s`` is
 judged on what it computes from the reference's ``x``).
 Methods that lower this local error do not necessarily lower the global loss (perplexity, KL to

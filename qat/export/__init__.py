@@ -1,7 +1,7 @@
 """Export a run's ``final/`` as a real packed low-bit checkpoint, bit-exact with what was trained.
 
 ``final/`` holds the on-grid (dequantized) weights plus ``qat_quant.json`` and
-``qat_qparams.safetensors`` (scale and zero-point of every quantized layer, in final/'s dtype).
+``qat/qparams.safetensors`` (scale and zero-point of every quantized layer, in final/'s dtype).
 Export recovers the integer codes from them, checks that they reproduce final/'s weights bit for
 bit, and writes one of:
 
@@ -12,7 +12,7 @@ bit, and writes one of:
   mixed int4/int8 becomes one config group per scheme. Embeddings, lm_head and norms stay in the
   model dtype.
 - ``gptq``: the GPTQ v1 layout (``qweight``, ``qzeros``, ``scales``, ``g_idx``), symmetric only.
-- ``fake``: dequantized weights + ``qat_quant.json`` + ``qat_qparams.safetensors`` (any scheme,
+- ``fake``: dequantized weights + ``qat_quant.json`` + ``qat/qparams.safetensors`` (any scheme,
   int2/int3 included; what no serving engine packs).
 
 Both packed layouts go through one packing helper, ``pack_rows`` (compressed-tensors'

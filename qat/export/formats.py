@@ -163,7 +163,7 @@ class _GPTQLinear(nn.Module):
 
 @torch.no_grad()
 def write_fake(src: ExportSource, out: Path) -> dict:
-    """Dequantized weights in ``src.dtype`` + ``qat_quant.json`` + ``qat_qparams.safetensors``."""
+    """Dequantized weights in ``src.dtype`` + ``qat_quant.json`` + ``qat/qparams.safetensors``."""
     _save_dense_parts(src.model, src.dtype, out)
     qparams = {}
     for name, qw in src.qweights.items():

@@ -6,9 +6,9 @@ import json
 import math
 from pathlib import Path
 
-from ..io.final import LATENT_FILE, QPARAMS_FILE
+from ..io.final import LEGACY
 
-SIDECARS = (QPARAMS_FILE, LATENT_FILE)  # qat's own files beside the model weights, not part of its size
+SIDECARS = tuple(LEGACY.values())  # qat's own files beside the model weights in runs written before its qat/ folder
 
 
 def dir_bytes(path: Path) -> int:
@@ -29,8 +29,8 @@ def _headers(path: Path) -> dict[str, dict]:
 
 
 def weights_bytes(path: Path) -> int:
-    """Bytes of the model's safetensors files (headers included; adapter/, qat_qparams and
-    qat_latent excluded)."""
+    """Bytes of the model's safetensors files (headers included; adapter/ and qat's own files
+    excluded)."""
     return sum(f.stat().st_size for f in path.glob("*.safetensors") if f.name not in SIDECARS)
 
 

@@ -5,11 +5,17 @@ Every quantized Linear is replaced by a plain ``nn.Linear`` holding its dequanti
 
 - ``qat_quant.json``: ``{"layers": {name: {"bits", "group_size", "symmetric", "grid", "frozen", "act_bits"}}}``
   (``grid`` is absent in runs written before it existed: read as ``"int"``)
-- ``qat_qparams.safetensors``: ``<name>.weight_scale`` and ``<name>.weight_zero_point`` of every
+- ``qat/qparams.safetensors``: ``<name>.weight_scale`` and ``<name>.weight_zero_point`` of every
   quantized layer, so export can recover the integer codes exactly;
 - the tokenizer files;
-- what a PTQ method adds: ``qat_scales.safetensors`` (AWQ's folded factors), ``adapter/`` (a PEFT
-  adapter: QERA, LoRA-QAT), notes in ``qat_quant.json`` (NF4).
+- what a PTQ method adds: ``qat/scales.safetensors`` (AWQ's folded factors), ``qat/latent.safetensors``
+  (GPTQ's and Block-AP's weights before rounding), ``adapter/`` (a PEFT adapter: QERA, LoRA-QAT),
+  notes in ``qat_quant.json`` (NF4).
+
+qat's own tensor files live in the ``qat/`` subdirectory (``SIDE_DIR``): a loader that reads every
+``*.safetensors`` of a model folder without an index (vLLM's default loader does) sees only the
+model's weights. Runs written before read from their old places beside the weights
+(``qat_qparams.safetensors`` ...; ``side_file``).
 
 This module is the format's one owner: every writer and reader of ``final/`` goes through it.
 ``writing_final`` makes the write atomic: ``final/`` is built in a temporary directory beside it
@@ -34,10 +40,26 @@ from ..quant.apply import dequantize_model
 from .rundir import fsync_dir, fsync_tree, write_json_atomic
 
 QUANT_FILE = "qat_quant.json"
-QPARAMS_FILE = "qat_qparams.safetensors"
+SIDE_DIR = "qat"  # qat's own tensor files: no loader of the model folder takes them for weight shards
+QPARAMS_FILE = f"{SIDE_DIR}/qparams.safetensors"
 ADAPTER_DIR = "adapter"  # a PEFT adapter beside the on-grid base (LoRA-QAT, QERA)
-SCALES_FILE = "qat_scales.safetensors"  # per-channel factors PTQ folded into layers (AWQ)
-LATENT_FILE = "qat_latent.safetensors"  # GPTQ's pre-rounding weights: where quant.init_from starts QAT
+SCALES_FILE = f"{SIDE_DIR}/scales.safetensors"  # per-channel factors PTQ folded into layers (AWQ)
+LATENT_FILE = f"{SIDE_DIR}/latent.safetensors"  # GPTQ's pre-rounding weights: where quant.init_from starts QAT
+LEGACY = {QPARAMS_FILE: "qat_qparams.safetensors", SCALES_FILE: "qat_scales.safetensors", LATENT_FILE: "qat_latent.safetensors"}
+
+
+def side_file(final_dir: str | Path, name: str) -> Path:
+    """Where ``final_dir`` keeps the side file ``name`` (``QPARAMS_FILE`` ...): its place, or the
+    place runs written before ``SIDE_DIR`` kept it in."""
+    new = Path(final_dir) / name
+    old = Path(final_dir) / LEGACY.get(name, name)
+    return old if not new.exists() and old.exists() else new
+
+
+def save_side_file(tensors: dict[str, Tensor], final_dir: str | Path, name: str) -> None:
+    path = Path(final_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
 
 
 def final_dtype(recipe, config) -> str:
@@ -53,10 +75,10 @@ def final_dtype(recipe, config) -> str:
 
 
 @torch.no_grad()
-def save_final(model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype) -> dict[str, dict]:
+def save_final(model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype, param_dtype: torch.dtype | None = None) -> dict[str, dict]:
     """Dequantize ``model`` in place (its QATLinear layers become plain Linear layers), cast it
     to ``dtype`` and save it to ``out_dir``. Returns the per-layer description."""
-    layers = dequantize_model(model, dtype)
+    layers = dequantize_model(model, dtype, param_dtype)
     model.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
@@ -104,14 +126,14 @@ def find_final(path: str | Path) -> Path | None:
 
 def read_qparams(final_dir: Path) -> dict[str, Tensor] | None:
     """``{"<layer>.weight_scale" / "<layer>.weight_zero_point": tensor}``, or None when absent."""
-    path = Path(final_dir) / QPARAMS_FILE
+    path = side_file(final_dir, QPARAMS_FILE)
     return load_file(str(path)) if path.is_file() else None
 
 
 def write_quant_files(out_dir: Path, layers: dict[str, dict], qparams: dict[str, Tensor]) -> None:
     """``qat_qparams.safetensors`` (when there are quantized layers) and ``qat_quant.json``."""
     if layers:
-        save_file(qparams, str(out_dir / QPARAMS_FILE))
+        save_side_file(qparams, out_dir, QPARAMS_FILE)
     write_json_atomic(out_dir / QUANT_FILE, {"layers": layers})
 
 
@@ -125,7 +147,7 @@ def add_quant_note(final_dir: Path, key: str, value) -> None:
 
 def write_scales(final_dir: Path, folds: dict[str, dict[str, Tensor]]) -> None:
     """``qat_scales.safetensors``: the per-channel factors PTQ folded into layers (AWQ)."""
-    save_file({f"{n}.{k}": t.clone().contiguous() for n, d in folds.items() for k, t in d.items()}, str(Path(final_dir) / SCALES_FILE))
+    save_side_file({f"{n}.{k}": t.clone().contiguous() for n, d in folds.items() for k, t in d.items()}, final_dir, SCALES_FILE)
 
 
 def has_adapter(final_dir: Path) -> bool:
@@ -208,10 +230,8 @@ def effective_weights(final_dir: str | Path, names: list[str] | None = None) -> 
         for n, ab in factors.items():
             if n in out:
                 out[n] = out[n] + _lora_scaling(cfg, n) * (ab["B"] @ ab["A"])
-    if (final_dir / SCALES_FILE).exists():
-        from safetensors.torch import load_file
-
-        for k, s in load_file(str(final_dir / SCALES_FILE)).items():
+    if side_file(final_dir, SCALES_FILE).exists():
+        for k, s in load_file(str(side_file(final_dir, SCALES_FILE))).items():
             n, _, kind = k.rpartition(".")
             if n in out:
                 out[n] = out[n] * s.float().unsqueeze(1) if kind == "output_scale" else out[n] / s.float()

@@ -6,7 +6,7 @@ Every quantized Linear of the student takes the run's *effective* weight
 ``final/adapter`` holds one, and AWQ's folded per-channel factors mapped back, so the weight lives
 in the original model's space; norms and embeddings stay the original ones). When that weight is
 exactly on the run's grid (no adapter, no folded factors: RTN, GPTQ, QAT), the run's qparams
-(``qat_qparams.safetensors``) become the starting qparams too, so the first forward is that run's
+(``qat/qparams.safetensors``) become the starting qparams too, so the first forward is that run's
 model: learnable scales take them as they are; dynamic ones get the per-group clip ratio that makes
 min-max give that scale (exact for symmetric schemes; asymmetric zero-points are recomputed).
 Otherwise the qparams are initialised from the loaded weights by ``quant.scale_init``.
@@ -14,7 +14,7 @@ Otherwise the qparams are initialised from the loaded weights by ``quant.scale_i
 On-grid weights sit at grid points, the farthest a weight can be from a rounding flip (half a
 scale step); over a short run Adam moves a weight far less than that (``benchmarks/init_from_study.py``:
 W2g64 on llama-tiny, the sum of the learning rates is 0.07 of a scale), so QAT from a GPTQ run's
-on-grid weights changed no code at all. A GPTQ run therefore also writes ``qat_latent.safetensors``:
+on-grid weights changed no code at all. A GPTQ run therefore also writes ``qat/latent.safetensors``:
 each column as GPTQ had it just before rounding (error feedback included). Rounded on the run's
 qparams these give exactly its codes, so step 0 is still the GPTQ model, but they lie anywhere
 inside their rounding bins, as trained weights do; when present they are the latent start
@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from ..io.final import LATENT_FILE, QUANT_FILE, SCALES_FILE, FinalError, effective_weights, has_adapter, load_quant_layers, read_qparams
+from ..io.final import LATENT_FILE, QUANT_FILE, SCALES_FILE, FinalError, side_file, effective_weights, has_adapter, load_quant_layers, read_qparams
 from ..quant.apply import qat_linears, reinit_qparams
 from ..quant.grid import minmax_qparams, quantize
 from ..recipe import RecipeError
@@ -70,14 +70,14 @@ def load_quantized_start(model: nn.Module, run: str | Path) -> str:
     layers = qat_linears(model)
     check_layers({n: m.scheme for n, m in layers.items()}, run)
     weights = effective_weights(final, list(layers))
-    on_grid = not has_adapter(final) and not (final / SCALES_FILE).exists()
+    on_grid = not has_adapter(final) and not side_file(final, SCALES_FILE).exists()
     for name, layer in layers.items():
         layer.weight.copy_(weights[name].to(layer.weight.dtype))
     if not on_grid:
         reinit_qparams(model)
         return f"quant.init_from: {len(layers)} layers from {final} (weights with their low-rank/folded corrections; qparams re-initialised)"
     qp = read_qparams(final)
-    latent = load_file(str(final / LATENT_FILE)) if (final / LATENT_FILE).is_file() else {}
+    latent = load_file(str(side_file(final, LATENT_FILE))) if side_file(final, LATENT_FILE).is_file() else {}
     kept = total = 0
     for name, layer in layers.items():
         scale = qp[f"{name}.weight_scale"].float().to(layer.weight.device)

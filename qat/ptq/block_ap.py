@@ -11,7 +11,7 @@ already-quantized blocks ``< i`` produce):
    tokens of the calibration set (``ptq.block_ap.epochs`` passes, cosine learning rate, the STE of
    ``grid.py``); norms and everything else in the block stay fixed;
 3. each layer is installed on its trained grid (``install_quantized``); the trained latent weight is
-   kept as ``ptq_latent`` (written to ``qat_latent.safetensors``), so ``quant.init_from`` this run
+   kept as ``ptq_latent`` (written to ``qat/latent.safetensors``), so ``quant.init_from`` this run
    starts QAT from the trained weights and scales: Block-AP, then end-to-end QAT (EfficientQAT
    trains only the scales end to end; here the recipe decides what trains).
 

@@ -3,7 +3,7 @@
 The run directory has the layout of ``qat train`` (``recipe.yaml``, ``final/``, ``eval.json``), so
 ``qat eval``, ``qat compare`` and export read both the same way:
 
-- ``final/``: the HF model with on-grid weights, ``qat_quant.json``, ``qat_qparams.safetensors``
+- ``final/``: the HF model with on-grid weights, ``qat_quant.json``, ``qat/qparams.safetensors``
   (written by ``final.save_final``, unchanged); QERA adds ``final/adapter/``, a PEFT LoRA
   adapter holding the low-rank correction (``PeftModel.from_pretrained(base, final/adapter)``);
 - ``eval.json``: method, perplexity of ``final/`` as loaded from disk (with its adapter) and of
@@ -38,7 +38,7 @@ from ..data.plans import calibration_blocks, calibration_budget, heldout_blocks
 from ..data.setup import load_plan_and_data
 from ..evaluate.diagnostic import bits_per_weight, layer_output_errors, mean_error
 from ..evaluate.perplexity import perplexity
-from ..io.final import ADAPTER_DIR, LATENT_FILE, effective_weights, final_dtype, save_final, write_scales, writing_final
+from ..io.final import ADAPTER_DIR, LATENT_FILE, effective_weights, final_dtype, save_final, save_side_file, write_scales, writing_final
 from ..io.models import DTYPES, load_model_dir, load_models
 from ..io.rundir import DiskError, RunLock, check_run_dir, create_run_dir, write_failure, write_json_atomic, write_text_atomic
 from ..quant.scheme import QuantScheme
@@ -280,14 +280,14 @@ def place(recipe: Recipe, student: nn.Module, config, calib) -> tuple[torch.devi
 
 def write_ptq_final(final_dir: Path, student: nn.Module, tokenizer, dtype: torch.dtype, method: str, info: dict, folds: dict, lora: dict) -> None:
     """final/ as ``qat train`` writes it, plus what the method adds: NF4 annotations, AWQ's folded
-    scales (``qat_scales.safetensors``), QERA's low-rank terms (``adapter/``)."""
+    scales (``qat/scales.safetensors``), QERA's low-rank terms (``adapter/``)."""
     # GPTQ's pre-rounding weights (where quant.init_from starts QAT), read before save_final
     # turns the QATLinear layers into plain ones; not for QERA, whose start has a low-rank term
     latent = {f"{n}.weight": m.ptq_latent.float().contiguous() for n, m in student.named_modules() if getattr(m, "ptq_latent", None) is not None}
     with writing_final(final_dir) as tmp:  # atomic: a failed write leaves no partial final/
         save_final(student, tokenizer, tmp, dtype)
         if latent and not lora:
-            save_file(latent, str(tmp / LATENT_FILE))
+            save_side_file(latent, tmp, LATENT_FILE)
         if method == "nf4":
             annotate_final(tmp, info["nf4_layers"])
         if folds:

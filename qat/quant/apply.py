@@ -132,14 +132,15 @@ def qat_linears(model: nn.Module) -> dict[str, QATLinear]:
 
 
 @torch.no_grad()
-def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, dict]:
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, param_dtype: torch.dtype | None = None) -> dict[str, dict]:
     """Replace every ``QATLinear`` in place by a plain ``nn.Linear`` holding its on-grid weight
     (scales rounded to ``dtype`` first when given, so the weights are exactly what a kernel
-    reading a ``dtype`` checkpoint computes). Returns, per layer, the layer description for
-    ``qat_quant.json`` plus its ``QuantizedWeight`` under ``"_qweight"``."""
+    reading a ``dtype`` checkpoint computes; ``param_dtype``: the dtype the training forward saw
+    the parameters in, under FSDP2 mixed precision). Returns, per layer, the layer description
+    for ``qat_quant.json`` plus its ``QuantizedWeight`` under ``"_qweight"``."""
     layers = {}
     for name, layer in qat_linears(model).items():
-        qw = layer.quantized_weight(dtype)
+        qw = layer.quantized_weight(dtype, param_dtype)
         target_dtype = dtype or layer.weight.dtype
         plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
         plain.weight = nn.Parameter(qw.dequantize(target_dtype), requires_grad=False)

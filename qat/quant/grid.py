@@ -347,10 +347,15 @@ def lsq_grad_factor(group_size: int, bits: int, symmetric: bool) -> float:
     return 1.0 / (group_size * qmax) ** 0.5
 
 
+SCALE_FLOOR = 1e-8  # far below any trained scale: |w| of 1e-8 is no weight a model uses
+
+
 def positive(scale: Tensor) -> Tensor:
-    """A learnable scale kept positive: ``max(scale, eps)`` (no gradient below the floor). A scale
-    that an optimizer pushes through zero would flip its group's grid."""
-    return scale.clamp(min=_eps(scale.dtype))
+    """A learnable scale kept positive: ``max(scale, floor)`` (no gradient below the floor). A
+    scale that an optimizer pushes through zero would flip its group's grid. The floor is an
+    absolute value, not the dtype's epsilon (0.0078 in bf16: the size of a W4 scale of a
+    N(0, 0.02) weight), raised only to the smallest normal number of the dtype (fp16: 6.1e-5)."""
+    return scale.clamp(min=max(SCALE_FLOOR, torch.finfo(scale.dtype).tiny))
 
 
 def round_ste(x: Tensor) -> Tensor:

@@ -29,6 +29,8 @@ Three modes, chosen by the scheme and the freeze policy:
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import torch
@@ -102,9 +104,11 @@ class QATLinear(nn.Linear):
             ratio = torch.ones(group_count(self), device=w.device)
         if s.learnable:
             scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio, s.seq)
-            self.weight_scale = nn.Parameter(scale.to(self.weight.dtype))
+            # float32 masters whatever the weight's dtype: a bf16 scale would not take an LSQ step
+            # of less than 1/256 of itself; the forward uses them cast to the weight's dtype
+            self.weight_scale = nn.Parameter(scale.float())
             # trained on an asymmetric integer grid; fixed at 0 (symmetric) or (2^b - 1) / 2 (SEQ)
-            self.weight_zero_point = nn.Parameter(zero.to(self.weight.dtype), requires_grad=s.trains_zero_point)
+            self.weight_zero_point = nn.Parameter(zero.float(), requires_grad=s.trains_zero_point)
         else:
             self.register_buffer("clip_ratio", ratio)
 
@@ -113,13 +117,13 @@ class QATLinear(nn.Linear):
         s = self.scheme
         if self.fixed:
             return self.weight_scale, self.weight_zero_point
-        if s.learnable:
-            scale = positive(self.weight_scale)
+        if s.learnable:  # the float32 masters, floored, in the weight's dtype (a differentiable cast)
+            scale = positive(self.weight_scale).to(self.weight.dtype)
             if s.lsq_grad_scale:
                 scale = scale_grad(scale, lsq_grad_factor(s.group_size or self.in_features, s.bits, s.symmetric))
             if not s.trains_zero_point:
-                return scale, self.weight_zero_point
-            return scale, round_ste(self.weight_zero_point).clamp(s.qmin, s.qmax)
+                return scale, self.weight_zero_point.to(self.weight.dtype)
+            return scale, round_ste(self.weight_zero_point.to(self.weight.dtype)).clamp(s.qmin, s.qmax)
         w = self.weight.detach()
         if w.dtype in (torch.float16, torch.bfloat16):
             w = w.float()  # the grid is computed in at least fp32
@@ -153,16 +157,26 @@ class QATLinear(nn.Linear):
 
     # -- export --------------------------------------------------------------------------
     @torch.no_grad()
-    def quantized_weight(self, dtype: torch.dtype | None = None) -> QuantizedWeight:
+    def quantized_weight(self, dtype: torch.dtype | None = None, param_dtype: torch.dtype | None = None) -> QuantizedWeight:
         """Integer codes + qparams. With ``dtype``, the scale is rounded to it first (the codes
         are kept), so ``dequantize(dtype)`` is exactly what a kernel computes from a checkpoint
-        whose scales are stored in ``dtype``."""
+        whose scales are stored in ``dtype``. ``param_dtype``: the forward saw the parameters cast
+        to it (FSDP2's mixed precision casts parameters, not buffers), so the codes are those
+        of the cast parameters: what was trained is what is written."""
+        if param_dtype is not None:
+            return self.with_params_in(param_dtype).quantized_weight(dtype)
         s = self.scheme
         scale, zero = (t.detach() for t in self.qparams())
         codes = quantize(self.weight.detach().to(scale.dtype), scale, zero, s.bits, s.symmetric, s.group_size)
         if dtype is not None:
             scale, zero = scale.to(dtype), zero.to(dtype)
         return QuantizedWeight(codes, scale, zero, s)
+
+    def with_params_in(self, dtype: torch.dtype) -> "QATLinear":
+        """A shallow copy whose parameters are detached copies cast to ``dtype`` (buffers shared)."""
+        new = copy.copy(self)
+        new._parameters = {k: None if v is None else nn.Parameter(v.detach().to(dtype), requires_grad=False) for k, v in self._parameters.items()}
+        return new
 
     @torch.no_grad()
     def on_grid_weight(self, dtype: torch.dtype | None = None) -> Tensor:

@@ -596,7 +596,7 @@ def write_final(run: Run) -> None:
         final.load_state_dict(state)
         try:
             with writing_final(run.out / "final") as tmp:  # atomic: a failed write leaves no partial final/
-                save_lora_final(final, run.tokenizer, tmp, DTYPES[run.save_dtype])  # peft: merged and re-quantized, or adapter/
+                save_lora_final(final, run.tokenizer, tmp, DTYPES[run.save_dtype], forward_param_dtype(acc))  # peft: merged and re-quantized, or adapter/
         except Exception as e:  # OSError, or what safetensors / torch raise for a failed write
             if write_failure(e, run.out) is None:
                 raise
@@ -607,6 +607,15 @@ def write_final(run: Run) -> None:
             run.replaced.commit()
     del state
     acc.wait_for_everyone()
+
+
+def forward_param_dtype(accelerator) -> torch.dtype | None:
+    """The dtype FSDP2's mixed precision casts the parameters to for the forward (None: no cast),
+    so final/ is written from the parameters the training forward saw."""
+    if not getattr(accelerator, "is_fsdp2", False):
+        return None
+    policy = getattr(accelerator.state.fsdp_plugin, "mixed_precision_policy", None)
+    return getattr(policy, "param_dtype", None)
 
 
 def evaluate_final(run: Run) -> None:

@@ -217,7 +217,7 @@ def init_calibration(recipe, train_set):
 
 
 # -- final/ --------------------------------------------------------------------------------
-def save_lora_final(model: nn.Module, tokenizer, out_dir, dtype: torch.dtype) -> None:
+def save_lora_final(model: nn.Module, tokenizer, out_dir, dtype: torch.dtype, param_dtype: torch.dtype | None = None) -> None:
     """``final/`` of a (possibly LoRA) student: merged mode merges and re-quantizes; separate mode
     saves the adapter to ``final/adapter/`` and the quantized base to ``final/``."""
     from pathlib import Path
@@ -229,4 +229,4 @@ def save_lora_final(model: nn.Module, tokenizer, out_dir, dtype: torch.dtype) ->
         model = model.unload()
     else:
         merge_lora_(model)
-    save_final(model, tokenizer, out_dir, dtype)
+    save_final(model, tokenizer, out_dir, dtype, param_dtype)
