@@ -88,9 +88,34 @@ def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None
         old = validate(yaml.safe_load(rp.read_text()) or {})
     except RecipeError:
         return None
+    if kind == "qat":  # a default freeze policy resolves on the model, as the run did before writing recipe.yaml
+        recipe = recipe.model_copy(deep=True)
+        _resolve_on_model(recipe)
     if _comparable(old.to_dict(), kind, method) != _comparable(recipe.to_dict(), kind, method):
         return None
     return result
+
+
+def _resolve_on_model(recipe: Recipe) -> None:
+    """The recipe's defaults that depend on the model's layers, resolved on a weightless copy."""
+    if not (recipe.freeze._by_default and recipe.freeze.policy == "ov-freeze"):
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .policy import resolve_freeze_default
+
+    m = recipe.model
+    try:
+        if m.path is not None:
+            config = AutoConfig.from_pretrained(m.path, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        else:
+            config = AutoConfig.for_model(**{"vocab_size": 64, **m.config})
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code)
+    except Exception:  # the run itself reports a model that cannot be built
+        return
+    resolve_freeze_default(recipe, model)
 
 
 def run_or_reuse_ptq(recipe: Recipe, method: str, rerun: bool, processes: int = 1) -> tuple[Path, dict, bool]:

@@ -91,26 +91,37 @@ def grid_defaults(bits: int) -> dict:
     return {"grid": "seq" if bits <= 2 else "int", "symmetric": bits > 2, "learnable": bits <= 2}
 
 
+GRID_KEYS = ("grid", "symmetric", "learnable")  # null: resolved by bit width (grid_defaults)
+
+
 def _resolve_grid(section, bits: int, fallback=None) -> None:
     """Fill the null grid keys of ``section`` (QuantSection or QuantOverride) from ``fallback`` (the
     quant section, for an override; its own values, not yet resolved) where that sets them, else
-    by ``bits``. A recipe that sets ``symmetric`` has chosen an integer grid, so a null ``grid`` is
-    then ``int``; on SEQ's grid a null ``symmetric`` is false (its codes are unsigned)."""
+    by ``bits``. A section's own keys beat inherited ones: its own ``symmetric`` chooses an integer
+    grid, its own ``grid: seq`` an unsigned (asymmetric) one whatever symmetry it would inherit.
+    A recipe that sets ``symmetric`` has chosen an integer grid, so a null ``grid`` is then
+    ``int``; on SEQ's grid a null ``symmetric`` is false (its codes are unsigned). The values as
+    given are kept in ``section._given`` (a recipe derived for another bit width starts from them)."""
+    section._given = {k: getattr(section, k) for k in GRID_KEYS}
 
-    def given(key):
-        value = getattr(section, key)
-        return getattr(fallback, key) if value is None and fallback is not None else value
+    def inherited(key):
+        return getattr(fallback, key) if fallback is not None else None
 
     default = grid_defaults(bits)
-    symmetric, grid, learnable = given("symmetric"), given("grid"), given("learnable")
-    if section.grid is None and section.symmetric is not None:
+    grid, symmetric = section.grid, section.symmetric
+    if grid is None and symmetric is not None:
         grid = "int"  # the section's own symmetry choice beats a grid it would inherit
     elif grid is None:
-        grid = default["grid"] if symmetric is None else "int"
+        grid, symmetric = inherited("grid"), inherited("symmetric")
+        if grid is None:
+            grid = default["grid"] if symmetric is None else "int"
+    elif symmetric is None and grid != "seq":
+        symmetric = inherited("symmetric")
     if symmetric is None:
         symmetric = False if grid == "seq" else default["symmetric"]
     if grid == "seq" and symmetric:
         raise ValueError(_SEQ_SYMMETRIC)
+    learnable = section.learnable if section.learnable is not None else inherited("learnable")
     section.grid, section.symmetric = grid, symmetric
     section.learnable = default["learnable"] if learnable is None else learnable
 
@@ -119,6 +130,7 @@ _SEQ_SYMMETRIC = "symmetric: true does not go with grid: seq (SEQ's levels are s
 
 
 class QuantOverride(_Section):
+    _given: dict = PrivateAttr(default_factory=dict)
     pattern: str
     bits: int | None = None
     group_size: int | None = Field(None, gt=0)
@@ -142,6 +154,7 @@ class QuantOverride(_Section):
 
 
 class QuantSection(_Section):
+    _given: dict = PrivateAttr(default_factory=dict)
     bits: int = 4
     group_size: int | None = Field(128, gt=0, description="null = per-channel")
     # null keys take the best of the llama-small sweeps at the bit width (grid_defaults)
@@ -189,6 +202,15 @@ class QuantSection(_Section):
             _resolve_grid(o, o.bits or self.bits, self)
         _resolve_grid(self, self.bits)
         return self
+
+    def as_given(self) -> dict:
+        """The section as the recipe gave it: the grid keys it left null are null again (what a
+        recipe derived for another bit width, e.g. by ``qat analyze bits``, must start from)."""
+        d = self.model_dump(mode="json")
+        d.update(self._given or {})
+        for o, od in zip(self.overrides, d["overrides"]):
+            od.update(o._given or {})
+        return d
 
     def scheme(self) -> QuantScheme:
         return QuantScheme(

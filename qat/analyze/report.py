@@ -56,7 +56,10 @@ def allocation_recipe(recipe, bits_by_layer: dict[str, int], plan, avg_bits: flo
     q = recipe.quant
     overrides = overrides_for(bits_by_layer, plan, base, q.group_size, q.symmetric)
     data = recipe.to_dict()
-    data["quant"] = {**data["quant"], "bits": base, "overrides": overrides}
+    # the keys the recipe left null stay null: resolved by the new widths, not kept at the old one's
+    data["quant"] = {**q.as_given(), "bits": base, "overrides": overrides}
+    if recipe.freeze._by_default:
+        data["freeze"] = {**data["freeze"], "policy": None}
     data["output_dir"] = f"{str(recipe.output_dir).rstrip('/')}-cvxq{avg_bits:g}"
     return validate(data), {"bits": base, "overrides": overrides}
 

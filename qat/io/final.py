@@ -218,8 +218,6 @@ def effective_weights(final_dir: str | Path, names: list[str] | None = None) -> 
         raise KeyError(f"{final_dir}: no weights for {missing[:3]}")
     adapter = final_dir / ADAPTER_DIR
     if (adapter / "adapter_config.json").exists():
-        from safetensors.torch import load_file
-
         cfg = json.loads((adapter / "adapter_config.json").read_text())
         tensors = load_file(str(adapter / "adapter_model.safetensors"))
         factors: dict[str, dict[str, Tensor]] = {}

@@ -18,7 +18,8 @@ from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM, AutoT
 
 from ..deps import require
 from ..recipe import Recipe, RecipeError
-from .final import ADAPTER_DIR
+from ..quant.apply import add_activation_quant
+from .final import ADAPTER_DIR, load_quant_layers
 from .weights import check_weight_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -161,10 +162,12 @@ def load_models(recipe: Recipe, config, with_teacher: bool = True):
 
 def load_model_dir(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):
     """``(model, tokenizer)`` of a model directory (``final/``, an export); applies ``adapter/``
-    (PEFT) when present. ``trust_remote_code``: the run's ``model.trust_remote_code``."""
+    (PEFT) when present, and the activation fake-quant of ``quant.act_bits`` layers (``qat_quant.json``). ``trust_remote_code``: the run's ``model.trust_remote_code``."""
     path = Path(path)
     kw = {} if dtype == "auto" else {"dtype": DTYPES[dtype]}
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kw)
+    act = {n: info.get("act_bits") for n, info in load_quant_layers(path).items()}
+    add_activation_quant(model, act)  # quant.act_bits: the activations quantized as in training
     adapter = path / ADAPTER_DIR
     if (adapter / "adapter_config.json").exists():
         peft = require("peft", f"{path}: its LoRA adapter (adapter/)")

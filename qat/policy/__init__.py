@@ -29,9 +29,7 @@ def dry_run_quant(recipe: Recipe, config) -> None:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
     except (ValueError, TypeError, KeyError) as e:
         raise RecipeError(f"{'model.path' if recipe.model.path else 'model.config'}: cannot build the model: {first_line(e)}") from None
-    f = recipe.freeze
-    if f._by_default and f.policy == "ov-freeze" and not _has_ov_layers(model):
-        f.policy = "none"  # before recipe.yaml is written: a resume resolves the same way
+    if resolve_freeze_default(recipe, model):
         print("freeze.policy: null would be ov-freeze at this bit width, but the model has no o_proj / v_proj Linear layers: nothing is frozen")
     try:
         report, _ = build_student_quant(model, recipe, at_step=math.inf)  # a delayed freeze policy is checked too
@@ -43,6 +41,18 @@ def dry_run_quant(recipe: Recipe, config) -> None:
         raise RecipeError(f"{key}: {e}{hint}") from None
     if recipe.quant is not None and recipe.quant.init_from is not None:
         check_layers(report.layers, recipe.quant.init_from)
+
+
+def resolve_freeze_default(recipe: Recipe, model: nn.Module) -> bool:
+    """A default (null) ``freeze.policy`` that became ov-freeze becomes none on a model without
+    o_proj / v_proj (``model``: a weightless copy will do), in place, before recipe.yaml is
+    written: a resume, and ``qat compare`` deciding whether a run can be reused, resolve it the
+    same way. Returns whether it changed."""
+    f = recipe.freeze
+    if f._by_default and f.policy == "ov-freeze" and not _has_ov_layers(model):
+        f.policy = "none"
+        return True
+    return False
 
 
 def _has_ov_layers(model: nn.Module) -> bool:

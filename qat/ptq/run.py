@@ -177,15 +177,17 @@ def run_ptq(recipe: Recipe, method: str, out_dir: str | Path | None = None, over
         lock = RunLock(out).acquire()
     except OSError as e:
         raise DiskError(out, e, "nothing was written") from None
-    with lock:
+    try:
         replaced = create_run_dir(out, "ptq", clear=overwrite)
         try:
-            result = ptq_steps(recipe, method, out, processes, t_start, replaced)
+            ptq_steps(recipe, method, out, processes, t_start, replaced)
         except BaseException:
             if replaced is not None and replaced.active:  # nothing yet to stand in for the old run
                 replaced.restore()
                 print(f"qat: the run --overwrite was to replace is back in place in {out}", file=sys.stderr)
             raise
+    finally:
+        lock.release()
     return out
 
 

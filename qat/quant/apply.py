@@ -161,6 +161,22 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, param_d
     return layers
 
 
+def add_activation_quant(model: nn.Module, bits_by_layer: dict[str, int]) -> int:
+    """Fake-quantize the inputs of the named layers of a loaded model (a ``final/``, whose
+    QATLinear layers became plain Linear layers) as training did (``quant.act_bits``): a forward
+    pre-hook with the same per-token function. Returns how many layers got one."""
+    from .grid import fake_quantize_activation
+
+    n = 0
+    for name, bits in bits_by_layer.items():
+        if bits is None:
+            continue
+        layer = model.get_submodule(name)
+        layer.register_forward_pre_hook(lambda mod, args, b=bits: (fake_quantize_activation(args[0], b), *args[1:]))
+        n += 1
+    return n
+
+
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
     """Switch fake-quant of every ``QATLinear`` on or off (off: the plain Linear forward, as before
     ``quant.start_step``); fixed and frozen layers keep their grid either way."""

@@ -174,6 +174,18 @@ def nonfinite_step(step_sums: torch.Tensor, grad_norm: float | None, accelerator
     return None
 
 
+def clip_parameters(run: "Run") -> list:
+    """What the gradient norm is taken over: the trainable parameters; under FSDP the model's
+    whole parameter list (frozen ones have no gradient and add nothing), since Accelerate's FSDP
+    ``clip_grad_norm_`` recognises the model only by that list, and otherwise unscales fp16
+    gradients a second time on its fallback path."""
+    from accelerate.utils import DistributedType
+
+    if run.accelerator.distributed_type == DistributedType.FSDP:
+        return list(run.student.parameters())
+    return run.trainable
+
+
 def _as_float(x) -> float | None:
     """A gradient norm as a float: None under DeepSpeed without one, a DTensor under FSDP2."""
     if x is None:
@@ -463,10 +475,12 @@ def optimizer_step(run: Run) -> tuple[torch.Tensor, str | None, float, int, int]
             acc.backward(loss)
             sums += torch.stack([loss.detach(), (kd if kd is not None else loss).detach(), ce.detach(), torch.ones_like(ce)])
             if acc.sync_gradients:
-                grad_norm = _as_float(acc.clip_grad_norm_(run.trainable, t.grad_clip or float("inf")))
+                grad_norm = _as_float(acc.clip_grad_norm_(clip_parameters(run), t.grad_clip or float("inf")))
                 bad = nonfinite_step(sums, grad_norm, acc)
                 if bad is None:
                     run.optimizer.step()
+                elif acc.scaler is not None:  # fp16: the GradScaler unscaled this step's gradients; it
+                    acc.scaler.update()  # must close the step (lowering its scale) or the next unscale raises
             run.optimizer.zero_grad(set_to_none=True)  # a skipped step's gradients are dropped here
         tokens += int(batch["attention_mask"].sum()) * acc.num_processes
     return sums, bad, grad_norm, tokens, epoch
