@@ -400,8 +400,28 @@ def _tokens_needed(lengths: np.ndarray, data: DataSection, packing: bool) -> int
     return int(kept.sum())
 
 
+PIECE_CHARS = 1 << 20  # a document longer than this is tokenized a piece at a time under a token cap
+
+
+def _tokenize_long(text: str, tokenizer, need: int) -> np.ndarray:
+    """The leading token ids of one long document (at least ``need`` of them, or all), tokenized
+    ``PIECE_CHARS`` at a time and cut before a space, where a byte-level pre-tokenizer would cut
+    too; so a 50 MB line is not tokenized whole to use a few thousand tokens of it."""
+    out, got, pos = [], 0, 0
+    while pos < len(text) and got < need:
+        end = min(len(text), pos + PIECE_CHARS)
+        if end < len(text):
+            cut = text.rfind(" ", pos + PIECE_CHARS // 2, end)
+            end = cut if cut > pos else end
+        ids = np.asarray(tokenizer(text[pos:end], add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"], np.int64)
+        out.append(ids)
+        got, pos = got + len(ids), end
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
 def _tokenize_capped(ds, tokenizer, data: DataSection, max_tokens: int | None, desc: str):
-    """Tokenize all documents, or (under a cap) only as many leading documents as the cap needs."""
+    """Tokenize all documents, or (under a cap) only as many leading documents, and of a very long
+    document only as many leading pieces, as the cap needs."""
     if max_tokens is None:
         return _tokenize(ds, tokenizer, desc, quiet=False)
     packing = data.packing
@@ -409,10 +429,21 @@ def _tokenize_capped(ds, tokenizer, data: DataSection, max_tokens: int | None, d
     flats, lengths, got, start, step = [], [], 0, 0, 64
     while start < len(ds) and got < target:
         stop = min(len(ds), start + step)
-        f, n = _tokenize(ds.select(range(start, stop)), tokenizer, desc, quiet=True)
-        flats.append(f)
-        lengths.append(n)
-        got += _tokens_needed(n, data, packing)
+        batch = ds.select(range(start, stop))
+        if max(len(t or "") for t in batch["text"]) > PIECE_CHARS:  # a very long document: one at a time
+            for text in batch["text"]:
+                if got >= target:
+                    break
+                need = target - got + 1 if packing else data.seq_len  # a row holds a document's first seq_len tokens
+                ids = _tokenize_long(text or "", tokenizer, need)
+                flats.append(ids)
+                lengths.append(np.array([len(ids)], np.int64))
+                got += _tokens_needed(lengths[-1], data, packing)
+        else:
+            f, n = _tokenize(batch, tokenizer, desc, quiet=True)
+            flats.append(f)
+            lengths.append(n)
+            got += _tokens_needed(n, data, packing)
         start, step = stop, step * 2
     if not flats:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
