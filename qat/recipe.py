@@ -757,8 +757,12 @@ def check_paths(recipe: Recipe) -> None:
 
 
 def _output_dir_problems(output_dir: str) -> list[str]:
-    """output_dir must be (or become) a directory: not a file, not under a file."""
+    """output_dir must be (or become) a directory: not a file, not under a file, no name longer
+    than a file system takes."""
     out = Path(output_dir).expanduser()
+    long = [part for part in out.parts if len(part.encode()) > 255]
+    if long:
+        return [f"output_dir: the path component {long[0][:40]}... is {len(long[0].encode())} bytes long; file systems take at most 255"]
     if out.exists() and not out.is_dir():
         return [f"output_dir: {output_dir} exists and is not a directory"]
     for parent in out.absolute().parents:

@@ -4,8 +4,8 @@ A checkpoint continues a run only when it was written by that run: the same run 
 marker's ``run_id``), the same training-relevant recipe keys, the same model and teacher weights
 and the same training tokens. A resume that differs is refused with the keys that differ. A few
 keys may change when a run is continued (``RESUMABLE_CHANGES``: more steps, another learning
-rate, how it is logged, evaluated and checkpointed); such a change is printed and recorded in
-later checkpoints and in ``eval.json``.
+rate); such a change is printed and recorded in later checkpoints and in ``eval.json``. How a run
+is logged, evaluated and checkpointed, and where it lives, may change freely (``UNTRAINED_KEYS``).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import json
 from ..io.weights import fingerprint
 from ..recipe import Recipe
 
-RESUMABLE_CHANGES = ("output_dir", "train.max_steps", "train.epochs", "train.lr", "train.log_every", "train.max_bad_steps",
-                     "checkpoint.", "eval.", "tracking.")
+RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.lr", "train.max_bad_steps")  # printed and recorded
+UNTRAINED_KEYS = ("output_dir", "train.log_every", "checkpoint.", "eval.", "tracking.")  # how a run is watched and kept: free
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -49,8 +49,8 @@ def run_identity(recipe: Recipe, train_set) -> dict:
     }
 
 
-def _allowed(key: str) -> bool:
-    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in RESUMABLE_CHANGES)
+def _matches(key: str, keys: tuple[str, ...]) -> bool:
+    return any(key == a or (a.endswith(".") and key.startswith(a)) for a in keys)
 
 
 def compare(old: dict, new: dict) -> tuple[list[str], list[dict]]:
@@ -60,8 +60,8 @@ def compare(old: dict, new: dict) -> tuple[list[str], list[dict]]:
     refused, allowed = [], []
     o, n = old.get("recipe") or {}, new.get("recipe") or {}
     for key in sorted(set(o) & set(n)):
-        if o[key] != n[key]:
-            if _allowed(key):
+        if o[key] != n[key] and not _matches(key, UNTRAINED_KEYS):
+            if _matches(key, RESUMABLE_CHANGES):
                 allowed.append({"key": key, "from": o[key], "to": n[key]})
             else:
                 refused.append(f"{key} {o[key]!r} -> {n[key]!r}")
