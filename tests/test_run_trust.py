@@ -353,6 +353,8 @@ def test_fsdp_clipping_takes_the_models_whole_parameter_list():
     run = SimpleNamespace(accelerator=acc, student=model, trainable=[p for p in model.parameters() if p.requires_grad])
     Accelerator.clip_grad_norm_(acc, qat.train.loop.clip_parameters(run), 1.0)
     assert unscaled == [1]
+    Accelerator.clip_grad_norm_(acc, run.trainable, 1.0)  # the trainable ones alone: Accelerate unscales twice
+    assert unscaled == [1, 1, 1]
 
 
 def test_act_bits_runs_are_evaluated_with_their_activation_quantization(tmp_path):
@@ -395,13 +397,18 @@ def small_fs(tmp_path):
     subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def fill(where: Path) -> None:
-    with open(where / "filler", "wb") as f:
+def fill(where: Path, keep: int = 0) -> None:
+    """Fill the file system of ``where``, leaving about ``keep`` bytes free (a small file still
+    fits, a weight file does not: the write fails inside safetensors or torch's zip writer)."""
+    with open(where / "filler", "wb", buffering=0) as f:
         try:
             while True:
-                f.write(b"\0" * (1 << 16))
+                f.write(b"\0" * 4096)
         except OSError:
             pass
+    if keep:
+        with open(where / "filler", "r+b") as f:
+            f.truncate(max(0, (where / "filler").stat().st_size - keep))
 
 
 def test_a_read_only_file_system_is_one_line(small_fs, capsys):
@@ -419,7 +426,7 @@ def test_a_full_disk_says_no_space_left(small_fs, where, monkeypatch, capsys):
     real = getattr(qat.train.loop, target)
 
     def full_then(run, *a):
-        fill(small_fs)
+        fill(small_fs, keep=0 if where == "eval.json" else 8192)  # config.json fits, the weights do not
         return real(run, *a)
 
     monkeypatch.setattr(qat.train.loop, target, full_then)
@@ -455,13 +462,17 @@ def test_qat_eval_refuses_bad_numbers_and_another_vocabulary(ckpt_run, tmp_path,
 
 
 def test_a_symlinked_checkpoint_never_stops_later_saves(ckpt_run, tmp_path):
+    """A checkpoint directory that is a link to elsewhere: never taken as the run's, never pruned
+    through, and later saves go on (before: pruning renamed the link, failed to delete it, and
+    every later save stopped on it)."""
     out = copy_run(ckpt_run, tmp_path / "run")
+    shutil.rmtree(out / "final")
     elsewhere = tmp_path / "elsewhere"
     shutil.move(str(out / "checkpoints" / "step-1"), elsewhere)
     (out / "checkpoints" / "step-1").symlink_to(elsewhere)
-    assert train(out, W4, "--overwrite", "checkpoint.every=1", "checkpoint.keep=1", "train.max_steps=3") == 0
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-3"]
-    assert (elsewhere / "qat_state.json").is_file()  # what the link pointed to is not qat's to delete
+    assert train(out, W4, "checkpoint.resume=auto", "checkpoint.every=1", "checkpoint.keep=1", "train.max_steps=4") == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-1", "step-4"]
+    assert (out / "checkpoints" / "step-1").is_symlink() and (elsewhere / "qat_state.json").is_file()
 
 
 def test_a_killed_exports_temp_folder_is_removed_and_a_running_run_is_not_exported(ckpt_run, tmp_path, capsys):
