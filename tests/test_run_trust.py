@@ -60,7 +60,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 # -- data loss ----------------------------------------------------------------------------
 def test_a_run_appearing_while_this_one_prepares_is_never_overwritten(ckpt_run, tmp_path, monkeypatch, capsys):
     """Two `qat train` on one new output_dir: the slower one finds the other's finished run once
-    it holds the lock, and stops without writing (before: it replaced final/, recipe.yaml, ...)."""
+    it holds the lock, and stops without writing: final/, recipe.yaml and the checkpoints stay the other's."""
     out = tmp_path / "run"
     real = qat.train.loop.build_run_datasets
 
@@ -129,7 +129,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_can_replace_it(ckpt_run, 
 
 def test_overwrite_starts_over_even_with_resume_auto(ckpt_run, tmp_path, capsys):
     """--overwrite (and so compare --rerun) with checkpoint.resume=auto replaces the run: the new
-    run starts at step 0 and none of the old weights survive (before: it resumed the old run)."""
+    run starts at step 0 and none of the old weights survive."""
     out = copy_run(ckpt_run, tmp_path / "run")
     assert train(out, W4, "--overwrite", "checkpoint.resume=auto", "checkpoint.every=0", "train.lr=0.01") == 0
     captured = capsys.readouterr()
@@ -149,8 +149,8 @@ def test_overwrite_starts_over_even_with_resume_auto(ckpt_run, tmp_path, capsys)
 @needs_tiny
 def test_overwrite_checks_what_it_can_before_touching_the_old_run(tmp_path, capsys):
     """A teacher with another vocabulary, a truncated model.safetensors, a tokenizer larger than the
-    embedding: refused before the run directory is touched, with the key (before: the old run
-    was deleted, then the new one died at step 1 with an IndexError or a size mismatch)."""
+    embedding: refused before the run directory is touched, with the key, not found at step 1 as an
+    IndexError or a size mismatch."""
     from conftest import LLAMA_TINY
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -251,7 +251,7 @@ def test_final_holds_no_side_file_a_loader_would_take_for_weights(ckpt_run):
 @pytest.mark.parametrize("bits", [4, 8])
 def test_learnable_scales_in_bf16_train_and_export_as_the_forward(bits):
     """A bf16 model's learnable scales: float32 masters above an absolute floor, all of them
-    trained (before: 81-100 % sat at bf16's epsilon floor with no gradient), and the on-grid
+    trained (a floor at bf16's epsilon, 0.0078, would hold most W4 scales with no gradient), and the on-grid
     weight final/ is written with equal to the trained forward's, bit for bit."""
     from qat.quant import QuantScheme
     from qat.quant.linear import QATLinear
@@ -309,7 +309,7 @@ def test_fsdp2_bf16_forward_is_what_final_writes(tmp_path):
 
 def test_fp16_a_skipped_step_leaves_the_grad_scaler_usable(tmp_path, monkeypatch):
     """fp16 with a GradScaler: a non-finite loss is skipped, the scaler closes that step (its scale
-    falls) and the next steps train (before: the next unscale_ raised)."""
+    falls) and the next steps train; otherwise the next unscale_ raises."""
     from test_reliability import poison_kd_loss
 
     real = qat.train.loop.make_accelerator
@@ -359,7 +359,7 @@ def test_fsdp_clipping_takes_the_models_whole_parameter_list():
 
 def test_act_bits_runs_are_evaluated_with_their_activation_quantization(tmp_path):
     """final/ of a quant.act_bits run, as its closing evaluation, qat eval and PTQ rows load it:
-    the quantized layers' inputs are fake-quantized as in training (before: they were not)."""
+    the quantized layers' inputs are fake-quantized as in training."""
     from transformers import AutoModelForCausalLM
 
     from qat.io.models import load_model_dir
@@ -463,8 +463,7 @@ def test_qat_eval_refuses_bad_numbers_and_another_vocabulary(ckpt_run, tmp_path,
 
 def test_a_symlinked_checkpoint_never_stops_later_saves(ckpt_run, tmp_path):
     """A checkpoint directory that is a link to elsewhere: never taken as the run's, never pruned
-    through, and later saves go on (before: pruning renamed the link, failed to delete it, and
-    every later save stopped on it)."""
+    through (a link renamed but not deletable would stop every later save), and later saves go on."""
     out = copy_run(ckpt_run, tmp_path / "run")
     shutil.rmtree(out / "final")
     elsewhere = tmp_path / "elsewhere"
