@@ -544,3 +544,80 @@ def test_a_long_line_is_tokenized_up_to_the_budget(tmp_path, monkeypatch):
     whole = real_call(tok, text, add_special_tokens=False)["input_ids"]
     n = train_set.input_ids.numel()
     assert train_set.input_ids.flatten().tolist() == ([tok.eos_token_id] + whole)[:n]  # packing: eos before each document
+
+
+# -- derived recipes and reuse resolve the defaults of their own bit width ---------------------
+def recipe_data(out: Path, model: Path, **sections) -> dict:
+    return {"output_dir": str(out), "model": {"path": str(model)}, "data": {"source": "python-stdlib"}, "train": {"max_steps": 2},
+            **sections}
+
+
+def test_a_bit_allocation_recipe_takes_the_defaults_of_its_own_width(tmp_path):
+    """`qat analyze bits` moving a W4 recipe to 2 bits: the grid keys and the freeze policy the
+    recipe left null are null again, so they resolve to the 2-bit defaults (SEQ, LSQ scales, no
+    freeze), not to the symmetric integer grid and ov-freeze of 4 bits."""
+    from conftest import make_tiny_llama
+    from transformers import AutoConfig
+
+    from qat.analyze.report import allocation_recipe
+    from qat.policy import quant_plan
+    from qat.recipe import validate
+
+    model_dir = tmp_path / "llama"
+    make_tiny_llama().save_pretrained(model_dir)
+    recipe = validate(recipe_data(tmp_path / "run", model_dir, quant={"bits": 4, "group_size": 32}))
+    assert (recipe.quant.grid, recipe.quant.symmetric, recipe.quant.learnable, recipe.freeze.policy) == ("int", True, False, "ov-freeze")
+    plan = quant_plan(recipe, AutoConfig.from_pretrained(model_dir))
+    new, _ = allocation_recipe(recipe, {n: 2 for n in plan}, plan, 2.0)
+    assert (new.quant.bits, new.quant.grid, new.quant.symmetric, new.quant.learnable, new.freeze.policy) == (2, "seq", False, True, "none")
+    # what the recipe chose itself is kept
+    pinned = validate(recipe_data(tmp_path / "run", model_dir, quant={"bits": 4, "group_size": 32, "symmetric": True},
+                                  freeze={"policy": "ov-freeze"}))
+    new, _ = allocation_recipe(pinned, {n: 2 for n in plan}, plan, 2.0)
+    assert (new.quant.grid, new.quant.symmetric, new.freeze.policy) == ("int", True, "ov-freeze")
+
+
+def test_an_overrides_own_grid_beats_an_inherited_symmetry(tmp_path):
+    from qat.recipe import validate
+
+    r = validate(recipe_data(tmp_path, tmp_path, quant={"bits": 4, "symmetric": True, "overrides": [{"pattern": "mlp", "bits": 2, "grid": "seq"}]}))
+    o = r.quant.overrides[0]
+    assert (o.grid, o.symmetric) == ("seq", False)
+    assert (r.quant.grid, r.quant.symmetric) == ("int", True)
+
+
+def test_compare_reuses_a_run_whose_default_freeze_resolved_on_the_model(tmp_path):
+    """A W4 recipe on a model without o_proj / v_proj: the run wrote freeze.policy none (its null
+    default, resolved on the model); qat compare resolves it the same way and reuses the run."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from qat.compare import reusable
+    from qat.recipe import validate
+
+    model_dir = tmp_path / "neox"
+    GPTNeoXForCausalLM(GPTNeoXConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=128)).save_pretrained(model_dir)
+    run = tmp_path / "run"
+    data = recipe_data(run, model_dir, quant={"bits": 4, "group_size": 32})
+    recipe = validate(data)
+    assert recipe.freeze.policy == "ov-freeze" and recipe.freeze._by_default
+    run.mkdir()
+    written = validate(data)
+    written.freeze.policy = "none"  # as the run resolved it before writing recipe.yaml
+    (run / "recipe.yaml").write_text(written.to_yaml())
+    (run / "eval.json").write_text(json.dumps({"steps": 2, "student": {"ppl": 9.0}}))
+    (run / "final").mkdir()
+    assert reusable(run, recipe, "qat") is not None
+    other = validate({**data, "quant": {"bits": 4, "group_size": 16}})
+    assert reusable(run, other, "qat") is None
+
+
+def test_compare_rerun_replaces_a_run_that_sets_resume_auto(ckpt_run, tmp_path):
+    from qat.compare import run_or_reuse_qat
+    from qat.recipe import load_recipe
+
+    out = copy_run(ckpt_run, tmp_path / "run")
+    recipe = load_recipe(PRETRAIN, [f"output_dir={out}", *SMALL, W4, "checkpoint.resume=auto", "checkpoint.every=0"])
+    run_or_reuse_qat(recipe, rerun=True)
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (out / "checkpoints").exists()
