@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# GPU checks of qat's distributed paths that CI (2 CPU cores, no GPU) cannot run. NOT YET RUN:
-# written by a session without a GPU; the first session with one runs it and records the output in
-# launch/README.md. Each check prints PASS/FAIL/SKIP and a JSON line; the summary is at the end and
-# in $RESULTS/summary.txt. Exit code: the number of FAILs.
+# GPU checks of qat's distributed paths that CI (2 CPU cores, no GPU) cannot run; the dated results
+# go to benchmarks/RESULTS.md. Each check prints PASS/FAIL/SKIP and a JSON line; the summary is at
+# the end and in $RESULTS/summary.txt. Exit code: the number of FAILs.
 #
 #   bash benchmarks/gpu_distributed.sh [small] [1b] [deepspeed]        (default: all three)
 #
@@ -31,9 +30,9 @@
 #  deepspeed  launch/deepspeed-zero2.yaml with --num_processes 1 on llama-small, 10 steps: exit 0 and
 #         10 logged steps ("at least launches"). SKIP if deepspeed is not importable.
 #
-# Running it from a session with the device tool (the GPU machine has torch 2.11+cu130,
-# transformers 5.17, accelerate 1.15, but NOT pydantic, datasets or deepspeed, and ../shared does
-# not travel). Once, here, in the repo root:
+# On a GPU machine without access to the package index (torch, transformers and accelerate
+# installed, but not pydantic, datasets or deepspeed) and without ../shared, prepare on a
+# machine with access, in the repo root:
 #   printf '/.whl/\n/shared/\n' >> .git/info/exclude
 #   mkdir -p shared/models shared/data && cp -r ../shared/models/llama-small shared/models/ && cp -r ../shared/tokenizer shared/ \
 #     && cp ../shared/data/books.train.txt.gz ../shared/data/books.valid.txt.gz shared/data/
@@ -42,8 +41,8 @@
 #     pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
 #     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 hjson
 #   python3 -m pip download --no-deps --no-binary=:all: -d .whl deepspeed      # an sdist; optional
-# then: run(command="bash benchmarks/gpu_distributed.sh", carry=[".whl", "shared"], timeout_s=600)
-# (split into "small" / "1b" / "deepspeed" calls if one call would pass 10 minutes).
+# then copy the checkout with .whl/ and shared/ to the GPU machine and run
+# `bash benchmarks/gpu_distributed.sh` there (or its parts "small" / "1b" / "deepspeed" one by one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The quality study on llama-small (issue 10, parts 1 and 4) on one GPU, in parts that each fit in
-# one 10-minute device command. NOT YET RUN ON A GPU: written by a session without one; every part
-# was run on CPU with --smoke (tiny budgets, measures nothing). The first session with a GPU runs
-# it and appends the merged table to benchmarks/RESULTS.md.
+# The quality study on llama-small on one GPU, in parts of under 10 minutes each on an H100; the
+# merged table goes to benchmarks/RESULTS.md (dated, with the device). --smoke runs every part on
+# CPU with tiny budgets (it checks the script, it measures nothing).
 #
 #   bash benchmarks/gpu_quality.sh PART [VARIANT_FILTER...]     PART: w4 | w3 | w2 | levers-w3 | levers-w2
 #   bash benchmarks/gpu_quality.sh --smoke [PART...]            every part on CPU, tiny budgets
@@ -15,9 +14,9 @@
 #   VARIANT_FILTER   only the QAT variants whose name contains one of these words (split a part
 #                    that would pass 10 minutes, e.g. `levers-w2 lsq mse init` then `levers-w2 kd lr freeze`)
 #
-# Each part writes $OUT/<part>/{report.json,report.md,report.png,log.txt} (4 files: the device
-# tool returns at most 8 per call). Runs are reused while the machine stays warm (same runs/
-# folder), so a part cut off at its limit continues when called again. Once, here, in the repo root:
+# Each part writes $OUT/<part>/{report.json,report.md,report.png,log.txt}. Runs are reused while
+# the runs/ folder is kept, so a part cut off at a time limit continues when started again. For a
+# GPU machine without access to the package index or ../shared, prepare once, in the repo root:
 #   printf '/.whl/\n/shared/\n' >> .git/info/exclude
 #   mkdir -p shared/models shared/data && cp -r ../shared/models/llama-small shared/models/ \
 #     && cp ../shared/data/books.train.txt.gz ../shared/data/books.valid.txt.gz shared/data/
@@ -25,10 +24,9 @@
 #     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
 #     pydantic==2.13.4 pydantic-core==2.46.4 annotated-types==0.7.0 typing-inspection==0.4.2 \
 #     datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
-# then one device call per part (the GPU machine has torch, transformers, accelerate, peft,
-# matplotlib, but not pydantic or datasets; ../shared does not travel):
-#   run(command="bash benchmarks/gpu_quality.sh w4", carry=[".whl", "shared"], timeout_s=600)
-# and here, from the parts' returned files:
+# then, with .whl/ and shared/ beside the checkout on the GPU machine, one command per part:
+#   bash benchmarks/gpu_quality.sh w4
+# and, from the parts' report files:
 #   python benchmarks/quality.py --merge <files_at>/w4/report.json <files_at>/w3/report.json ... \
 #     --out runs/quality-small --append
 set -uo pipefail

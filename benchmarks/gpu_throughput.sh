@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
-# Throughput checks on one GPU (issue 9): fused fake-quant exactness on CUDA, step time of plain vs
-# QAT / QAT+KD / QAT+KD(top-k cache) / QAT-LoRA / torchao QAT, GPTQ wall time. NOT YET RUN ON A GPU:
-# written by a session without one; every part runs on CPU with --smoke (tiny random Llama).
+# Throughput checks on one GPU: fused fake-quant exactness on CUDA, step time of plain vs
+# QAT / QAT+KD / QAT+KD(top-k cache) / QAT-LoRA / torchao QAT, GPTQ wall time. --smoke runs every
+# part on CPU (tiny random Llama: it checks the script, it measures nothing).
 #
 #   bash benchmarks/gpu_throughput.sh [--smoke] [PART ...]
 #
-# PARTS (default: all, in this order; each well under the device tool's 10 minutes per command
-# on an H100, so a session can run one or a few per call):
+# PARTS (default: all, in this order; each well under 10 minutes on an H100):
 #   fused       pytest tests/test_quant_fused.py (the CUDA cases: compiled == eager bit for bit)
 #   layer       benchmarks/fake_quant.py on LLaMA-7B projection shapes, 8192 tokens, bf16: QATLinear vs nn.Linear,
 #               once with the eager and once with the compiled fake-quant (QAT_QUANT_KERNEL=eager|compile)
@@ -16,21 +15,21 @@
 #   step-1b-compiled  step-1b with every model torch.compile'd (--compile-model, as train.compile: true)
 #   ptq-small   benchmarks/ptq_speed.py --config small
 #   ptq-1b      benchmarks/ptq_speed.py --config 1b (128 x 2048 calibration tokens)
-# Results: $OUT (device tool) or runs/gpu-throughput[-smoke]: PART.json + PART.log per part and
-# summary.txt (at most 8 files come back per call: run at most 3 parts per call).
+# Results: $OUT when set, else runs/gpu-throughput[-smoke]: PART.json + PART.log per part and
+# summary.txt.
 #
-# From a session with the device tool (the GPU machine has torch, transformers, accelerate, peft,
-# triton, pytest but NOT pydantic or torchao; ../shared does not travel). Once, in the repo root:
+# For a GPU machine without access to the package index (torch, transformers, accelerate, peft,
+# triton and pytest installed, not pydantic or torchao) or ../shared, prepare once, in the repo root:
 #   printf '/.whl/\n/shared/\n' >> .git/info/exclude
 #   mkdir -p shared/models && cp -r ../shared/models/llama-small shared/models/
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl pydantic==2.13.4 pydantic-core==2.46.4 \
 #     annotated-types==0.7.0 typing-inspection==0.4.2 torchao==0.17.0
-# then, e.g.:
-#   run(command="bash benchmarks/gpu_throughput.sh fused layer step-small", carry=[".whl", "shared"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_throughput.sh step-1b step-1b-bf16", carry=[".whl", "shared"], timeout_s=600)
-#   run(command="bash benchmarks/gpu_throughput.sh ptq-small ptq-1b", carry=[".whl", "shared"], timeout_s=600)
+# then, on the GPU machine with .whl/ and shared/ beside the checkout, e.g.:
+#   bash benchmarks/gpu_throughput.sh fused layer step-small
+#   bash benchmarks/gpu_throughput.sh step-1b step-1b-bf16
+#   bash benchmarks/gpu_throughput.sh ptq-small ptq-1b
 # and append the tables of the *.log files to benchmarks/RESULTS.md (dated, with the device line).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -48,7 +47,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-# ../shared beside the repo (CPU sessions) or shared/ inside it (carried to the GPU machine)
+# ../shared beside the repo, or shared/ inside it (copied to a GPU machine)
 if [ ! -d "$REPO/../shared/models/llama-small" ] && [ -d "$REPO/shared/models/llama-small" ]; then
   export QAT_SHARED=$REPO/shared
 fi

@@ -7,8 +7,8 @@ blocks, same held-out tokens for the layer errors):
 - the FP teacher, and the PTQ baselines RTN, GPTQ, AWQ, QERA-exact on GPTQ (``ptq.qera.base:
   gptq``), calibrated on the QAT run's training tokens (the same data budget);
 - the QAT rows (``MAIN``): CE only, KD (the default recipe), KD with the other freeze policy than
-  the bit width's default (ov-freeze at 4 bits and up, none below), and KD with the defaults before
-  2026-11-30 (dynamic min-max scales);
+  the bit width's default (ov-freeze at 4 bits and up, none below), and KD with min-max scales
+  recomputed every step (no MSE clipping, no LSQ: what those two are worth);
 - with ``--levers``, one lever at a time on top of the KD recipe (``levers``), at the bit widths
   given by ``--lever-bits``.
 
@@ -43,7 +43,7 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 BITS = ("W4g128", "W3g128", "W2g64")
 PTQ = ["rtn", "rtn-mse", "gptq", "awq", "qera-exact"]
 PTQ_CHOICES = [*PTQ, "block-ap"]  # block-ap: EfficientQAT's block-wise training (its own row, and the start of a lever)
-BUDGET_CAP = 4_100_000  # the data budget: at most 4.1 M training tokens for every method
+BUDGET_CAP = 4_100_000  # the study's data budget: at most 4.1 M training tokens for every method
 
 # QAT rows of the main table: overrides of the KD recipe. ctx: {"gptq": GPTQ run dir, "steps": max_steps}
 MAIN = {
@@ -51,8 +51,8 @@ MAIN = {
     "qat-kd": lambda ctx: [],
     "qat-kd-ovfreeze": lambda ctx: ["freeze.policy=ov-freeze"],  # a row where it is not the default (below 4 bits)
     "qat-kd-no-freeze": lambda ctx: ["freeze.policy=none"],  # a row where ov-freeze is the default (4 bits and up)
-    # the defaults before 2026-11-30 (min-max qparams recomputed every step): what the new defaults,
-    # MSE-searched clipping as the start and LSQ-trained scales, are worth
+    # min-max qparams recomputed every step: what MSE-searched clipping as the start and
+    # LSQ-trained scales are worth
     "qat-kd-old-defaults": lambda ctx: ["quant.scale_init=minmax", "quant.learnable=false"],
 }
 # The PTQ rows keep min-max scales (the observers of the llm-compressor GPTQ / AWQ runs they were

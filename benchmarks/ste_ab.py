@@ -1,8 +1,8 @@
-"""A/B of the STE's pass-through region: ``qat train`` with the strict mask of the old grid code.
+"""A/B of the STE's pass-through region: ``qat train`` with a strict mask.
 
-Today ``grid._in_range`` passes the gradient of every weight whose rounding is a valid code,
-``v`` in ``[qmin - 0.5, qmax + 0.5)``. Before 2026-11-30 it was ``[qmin, qmax]``: a weight in
-``(qmax, qmax + 0.5)`` rounded to ``qmax`` but got no gradient. This script runs ``qat train``
+``grid._in_range`` passes the gradient of every weight whose rounding is a valid code, ``v`` in
+``[qmin - 0.5, qmax + 0.5)``. The strict alternative is ``[qmin, qmax]``: a weight in
+``(qmax, qmax + 0.5)`` rounds to ``qmax`` but gets no gradient. This script runs ``qat train``
 with that strict mask (every fake-quant path calls ``grid._in_range``), so the two can be
 compared on the same recipe and seed:
 

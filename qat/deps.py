@@ -12,6 +12,8 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+DIST = "qat-llm"  # the distribution's name on the package index (the import name is qat)
+
 # top-level module -> (PyPI package, qat extra)
 OPTIONAL = {
     "compressed_tensors": ("compressed-tensors", "export"),
@@ -27,9 +29,30 @@ class MissingDependency(ImportError):
     """An optional package is not installed; the message is one line with the fix."""
 
 
+def requirement(package: str) -> str:
+    """``package`` with the version bound qat's own metadata gives it (``compressed-tensors>=0.12``),
+    or the bare name when qat runs from a source tree that was not installed."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires(DIST) or []
+    except PackageNotFoundError:
+        return package
+    for r in reqs:
+        spec = r.split(";")[0].strip()
+        name = spec.split("[")[0]
+        for op in ("<", ">", "=", "!", "~", " "):
+            name = name.split(op)[0]
+        if name.lower().replace("_", "-") == package.lower():
+            return spec.replace(" ", "")
+    return package
+
+
 def hint(module: str, needed_for: str) -> str:
+    """One line: what needs the package, and the install command that works in a checkout and
+    outside one (the package itself, with qat's bound; ``DIST[extra]`` installs the same set)."""
     package, extra = OPTIONAL[module.split(".")[0]]
-    return f"{needed_for} needs {package}, which is not installed: pip install 'qat[{extra}]'"
+    return f"{needed_for} needs {package}, which is not installed: pip install '{requirement(package)}' (or the {DIST}[{extra}] extra)"
 
 
 def available(module: str) -> bool:

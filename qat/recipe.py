@@ -83,7 +83,7 @@ class TeacherSection(_Section):
 
 def grid_defaults(bits: int) -> dict:
     """What ``null`` means for the grid keys, by bit width: the best of the llama-small runs
-    (benchmarks/RESULTS.md, 2026-11-30; ppl/FP, MSE scale init in all). At 2 bits ParetoQ's SEQ grid
+    (benchmarks/RESULTS.md; ppl/FP, MSE scale init in all). At 2 bits ParetoQ's SEQ grid
     (W2g64 1.2773 / 1.2832 over 2 seeds vs 1.3078 / 1.3141 on the asymmetric integer grid, itself
     1.40 vs 1.51 symmetric in a 30-step screen) with LSQ-trained scales (1.509 vs 1.522 recomputed);
     at 3 bits and up a symmetric integer grid whose scales are recomputed every step (W4g128
@@ -242,8 +242,8 @@ class QuantSection(_Section):
 
 def default_freeze_policy(quant: "QuantSection | None", peft) -> str:
     """What a null ``freeze.policy`` means: ov-freeze at 4 bits and up, none below (and without a
-    quant section, and with LoRA-QAT). From the llama-small runs (benchmarks/RESULTS.md,
-    2026-11-30, ppl/FP over 2 seeds): at W4g128 ov-freeze from step 0 gave 1.0218 / 1.0223 and KL to
+    quant section, and with LoRA-QAT). From the llama-small runs (benchmarks/RESULTS.md, ppl/FP
+    over 2 seeds): at W4g128 ov-freeze from step 0 gave 1.0218 / 1.0223 and KL to
     the teacher 0.056 / 0.057 against 1.0225 / 1.0253 and 0.063 / 0.065 without; at W3g128 it was
     within noise (1.0702 vs 1.0690 / 1.0724), at W2g64 worse (1.5737 vs 1.5092, 30-step screen)."""
     return "ov-freeze" if quant is not None and quant.bits >= 4 and peft is None else "none"

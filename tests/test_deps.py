@@ -28,7 +28,7 @@ def hide(monkeypatch, *modules: str) -> None:
 def one_line(err: str, extra: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert f"pip install 'qat[{extra}]'" in lines[0] and "Traceback" not in err, err
+    assert f"(or the qat-llm[{extra}] extra)" in lines[0] and "pip install '" in lines[0] and "Traceback" not in err, err
     return lines[0]
 
 
@@ -45,7 +45,7 @@ def test_require_hidden_and_present(monkeypatch):
     assert require("peft", "x").__name__ == "peft"
     hide(monkeypatch, "peft")
     assert not available("peft")
-    with pytest.raises(MissingDependency, match=r"^LoRA needs peft, which is not installed: pip install 'qat\[peft\]'$"):
+    with pytest.raises(MissingDependency, match=r"^LoRA needs peft, which is not installed: pip install 'peft>=0.17' \(or the qat-llm\[peft\] extra\)$"):
         require("peft", "LoRA")
 
 
@@ -101,8 +101,26 @@ def test_plots_and_nf4_without_their_packages(monkeypatch, tmp_path):
     from qat.ptq.nf4 import nf4_roundtrip
 
     hide(monkeypatch, "matplotlib", "bitsandbytes", "bitsandbytes.functional")
-    with pytest.raises(MissingDependency, match=r"qat\[plot\]"):
+    with pytest.raises(MissingDependency, match=r"pip install 'matplotlib>=3.8' \(or the qat-llm\[plot\] extra\)"):
         report_png({"rows": []}, tmp_path / "r.png")
     assert heatmap_png({"layers": []}, tmp_path / "h.png", "t") is False
-    with pytest.raises(MissingDependency, match=r"qat ptq --method nf4 needs bitsandbytes.*qat\[bnb\]"):
+    with pytest.raises(MissingDependency, match=r"qat ptq --method nf4 needs bitsandbytes.*qat-llm\[bnb\]"):
         nf4_roundtrip(torch.randn(4, 64))
+
+
+def test_qat_env_names_the_versions_a_bug_report_needs(capsys):
+    import torch
+    import transformers
+
+    assert main(["env"]) == 0
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.strip().splitlines())
+    assert lines["torch"] == torch.__version__.split("+")[0] or lines["torch"] == torch.__version__
+    assert lines["transformers"] == transformers.__version__
+    assert {"qat-llm", "accelerate", "compressed-tensors", "CUDA (torch built with)", "GPUs"} <= set(lines)
+
+
+def test_install_hints_name_the_package_with_its_bound():
+    from qat.deps import hint
+
+    line = hint("compressed_tensors", "qat export --format compressed-tensors")
+    assert "pip install 'compressed-tensors>=0.12' (or the qat-llm[export] extra)" in line, line

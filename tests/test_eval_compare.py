@@ -235,7 +235,7 @@ def test_local_vs_global_inversions():
 
 # -- lm-eval (optional extra) ---------------------------------------------------------------
 def test_lm_eval_local_jsonl_tasks(lm, tmp_path):
-    pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install 'qat[eval]')")
+    pytest.importorskip("lm_eval", reason="lm-eval not installed (the eval extra)")
     from qat.evaluate.harness import run_lm_eval
 
     model, tok = lm

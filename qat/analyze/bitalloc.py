@@ -19,7 +19,7 @@ Solver (``allocate``):
 
 1. dual ascent on ``lambda`` by bisection in log space: for a given lambda each layer takes
    ``argmin_b d_i 4^-b + lambda b`` over the supported set (the discrete counterpart of
-   ``B = 1/2 log2(2 ln2 d_i / lambda)`` clipped to the set; the issue's ``1/2 log2(G^2 S^2 /
+   ``B = 1/2 log2(2 ln2 d_i / lambda)`` clipped to the set; CVXQ's ``1/2 log2(G^2 S^2 /
    lambda)`` with the constant ``2 ln 2`` folded into lambda). The bits used are non-increasing in
    lambda; the smallest feasible lambda is kept. Each such Lagrangian solution is exactly optimal
    for the budget it uses;

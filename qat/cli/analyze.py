@@ -19,6 +19,7 @@ and validation data. Default output directory: ``<output_dir>-sensitivity`` / ``
 from __future__ import annotations
 
 from ..analyze import RANK_KEYS
+from ..deps import hint
 from ..quant.scheme import SUPPORTED_BITS
 from ..recipe import RecipeError, load_recipe
 
@@ -41,7 +42,7 @@ def run_sensitivity(args) -> int:
                                             per_depth=not args.no_per_depth, rank_by=args.rank_by, freeze_top=args.freeze_top)
     print(table_md(result, title).split("\n## ")[0])
     print(result["freeze_snippet"])
-    print(f"wrote {out}/sensitivity.json, sensitivity.md, freeze.yaml" + (", sensitivity.png" if png else " (no PNG: pip install 'qat[plot]')"))
+    print(f"wrote {out}/sensitivity.json, sensitivity.md, freeze.yaml" + (", sensitivity.png" if png else f" (no PNG: {hint('matplotlib', 'the plot')})"))
     return 0
 
 

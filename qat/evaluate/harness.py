@@ -1,4 +1,4 @@
-"""lm-evaluation-harness on the in-memory model (optional extra: ``pip install 'qat[eval]'``).
+"""lm-evaluation-harness on the in-memory model (optional: the ``eval`` extra, ``qat.deps.hint``).
 
 ``run_lm_eval(model, tokenizer, tasks)`` wraps the model with ``HFLM(pretrained=model)`` (no
 reload, so a PEFT-corrected or freshly quantized model is evaluated as it is) and runs

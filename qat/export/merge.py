@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data import load_documents
+from ..deps import hint
 from ..io.final import ADAPTER_DIR
 from ..quant.grid import minmax_qparams, quantize
 from ..quant.linear import QuantizedWeight
@@ -52,7 +53,7 @@ def merge_lora(src: ExportSource, ids: Tensor) -> dict:
     try:
         from peft import PeftModel
     except ImportError:
-        raise ExportError("--merge-lora needs peft (pip install 'qat[peft]')") from None
+        raise ExportError(hint("peft", "--merge-lora")) from None
     if src.adapter_dir is None:
         raise ExportError(f"--merge-lora: {src.final_dir} has no {ADAPTER_DIR}/ (PEFT adapter) to merge")
     ref = PeftModel.from_pretrained(copy.deepcopy(src.model).to(src.dtype), str(src.adapter_dir)).eval()

@@ -56,7 +56,7 @@ def check_servable(layers: dict[str, dict], fmt: str, any_bits: bool = False) ->
         raise ExportError(
             f"{fmt}: {len(seq)} layers are on SEQ's grid (quant.grid: seq), whose zero-point (2^b - 1) / 2 is a half-integer; "
             f"{fmt} stores integer zero-points. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}, or train on an integer "
-            "grid (quant.grid: int, the 2-bit default before 2026-11-30)."
+            "grid (quant.grid: int)."
         )
     bad_bits = {} if any_bits else {n: i["bits"] for n, i in layers.items() if i["bits"] not in SERVABLE_BITS}
     if bad_bits:

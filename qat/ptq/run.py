@@ -31,11 +31,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from ..data.plans import calibration_blocks, calibration_budget, heldout_blocks
 from ..data.setup import load_plan_and_data
+from ..deps import hint
 from ..evaluate.diagnostic import bits_per_weight, layer_output_errors, mean_error
 from ..evaluate.perplexity import perplexity
 from ..io.final import ADAPTER_DIR, LATENT_FILE, effective_weights, final_dtype, save_final, save_side_file, write_scales, writing_final
@@ -140,7 +140,7 @@ def save_adapter(model: nn.Module, lora: dict, path: Path):
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError:
-        raise RecipeError("ptq: QERA writes its correction as a PEFT adapter; pip install 'qat[peft]'") from None
+        raise RecipeError(hint("peft", "ptq: QERA (it writes its correction as a PEFT adapter)")) from None
 
     ranks = {n: a.shape[0] for n, (a, _) in lora.items()}
     r = max(ranks.values())
