@@ -168,7 +168,7 @@ class QuantSection(_Section):
     grid: Literal["int", "seq"] | None = Field(
         None,
         description="int: integer zero-point (the grid of compressed-tensors / GPTQ checkpoints); seq: ParetoQ's stretched elastic grid, "
-        "levels (q - (2^b - 1) / 2) * s, no zero level (export: --format fake only). null: seq at 2 bits unless quant.symmetric "
+        "levels (q - (2^b - 1) / 2) * s, no zero level (packed exports: a symmetric grid of one bit more, half the scale). null: seq at 2 bits unless quant.symmetric "
         "is set (W2g64 on llama-small: 1.2773 / 1.2832 vs 1.3078 / 1.3141 ppl/FP over 2 seeds), int otherwise",
     )
     lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")

@@ -487,7 +487,7 @@ def test_qera_adapter_kept_separate_beside_packed_base(tmp_path, capsys):
 def test_merge_lora_on_the_seq_grid_requantizes_onto_it(runs, tmp_path, capsys):
     """--merge-lora on a SEQ run (quant.grid: seq): the touched layers are re-quantized on SEQ's grid
     (zero-point 1.5, weights at ±0.5 / ±1.5 times their new scales), the others keep their weights;
-    only --format fake can hold it."""
+    compressed-tensors holds it as int4 with half the scales, exactly."""
     from peft import LoraConfig, get_peft_model
 
     run = tmp_path / "run"
@@ -498,11 +498,11 @@ def test_merge_lora_on_the_seq_grid_requantizes_onto_it(runs, tmp_path, capsys):
             if "lora_B" in n:
                 p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(0)) * 0.05)
     peft_model.save_pretrained(run / "final" / "adapter")
-    assert export(run, tmp_path / "ct", "compressed-tensors", "--merge-lora") == 2
-    assert "SEQ's grid" in capsys.readouterr().err
+    assert export(run, tmp_path / "ct", "compressed-tensors", "--merge-lora") == 0  # as int4, half the scales
     out = tmp_path / "fake"
     assert export(run, out, "fake", "--merge-lora") == 0
     assert "logit change" in capsys.readouterr().out
+    assert torch.equal(logits(load(tmp_path / "ct")), logits(load(out)))  # the packed int4 export is the merged SEQ model
     base, merged = load_file(str(run / "final" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     qp = load_file(str(out / "qat" / "qparams.safetensors"))
     for i in range(4):
@@ -514,3 +514,33 @@ def test_merge_lora_on_the_seq_grid_requantizes_onto_it(runs, tmp_path, capsys):
         assert set((torch.round(steps * 2) / 2).unique().tolist()) <= {-1.5, -0.5, 0.5, 1.5}
         k = f"model.layers.{i}.self_attn.k_proj.weight"
         assert torch.equal(merged[k], base[k])
+
+
+def test_the_2bit_default_exports_exactly_as_a_symmetric_integer_grid(tmp_path, capsys):
+    """No fixtures: a W2 run on the default SEQ grid, exported to compressed-tensors as symmetric
+    int4 (vLLM's WNA16 widths) and, with --any-bits, int3, each with codes 2u - 3 and half the
+    scales; both load back in transformers with final/'s logits exactly, and so does GPTQ int4."""
+    from conftest import PRETRAIN, SCRATCH_SMALL
+    from safetensors.torch import load_file
+
+    run = tmp_path / "w2"
+    assert main(["train", PRETRAIN, f"output_dir={run}", *SCRATCH_SMALL, "model.config.hidden_size=64", "model.config.intermediate_size=128",
+                 "train.max_steps=2", "quant={bits: 2, group_size: 32}"]) == 0
+    layers = json.loads((run / "final" / "qat_quant.json").read_text())["layers"]
+    assert {i["grid"] for i in layers.values()} == {"seq"}
+    qp = load_file(str(run / "final" / "qat" / "qparams.safetensors"))
+    for flags, bits in (([], 4), (["--any-bits"], 3)):
+        out = tmp_path / f"ct{bits}"
+        assert export(run, out, "compressed-tensors", "--verify", *flags) == 0
+        assert "max abs difference 0 (identical)" in capsys.readouterr().out
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]["weights"]
+        assert (qc["num_bits"], qc["symmetric"], qc["group_size"]) == (bits, True, 32)
+        packed = load_file(str(out / "model.safetensors"))
+        name = next(iter(layers))
+        assert torch.equal(packed[f"{name}.weight_scale"].float(), qp[f"{name}.weight_scale"].float() / 2)
+        assert json.loads((run / "eval.json").read_text())["export"]["compressed-tensors"]["seq_as_int"].startswith(f"{len(layers)} SEQ layers")
+        small = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(1))  # the run's own 300-id vocabulary
+        with torch.no_grad():
+            assert torch.equal(load(out)(input_ids=small).logits, load(run / "final")(input_ids=small).logits)
+    assert export(run, tmp_path / "gptq", "gptq", "--verify") == 0
+    assert "max abs difference 0 (identical)" in capsys.readouterr().out

@@ -252,11 +252,15 @@ def test_seq_grid_end_to_end_ptq_init_from_train_and_export(tmp_path, capsys):
         steps = group_view(w[f"{n}.weight"].float(), 64) / s.float().unsqueeze(-1)  # final/ is bf16: 1.5 * s rounds
         assert torch.equal(z, torch.full_like(z, 1.5)) and (steps - (torch.round(steps * 2) / 2)).abs().max() < 1e-2, n
         assert set((torch.round(steps * 2) / 2).unique().tolist()) <= {-1.5, -0.5, 0.5, 1.5}, n
-    for fmt in ("compressed-tensors", "gptq"):
-        dest = tmp_path / f"export-{fmt}"
-        assert main(["export", str(out), "--format", fmt, "--out", str(dest), "--any-bits"][: 6 if fmt == "gptq" else 7]) == 2
-        err = capsys.readouterr().err
-        assert "SEQ's grid" in err and "--format fake" in err and not dest.exists(), err
+    # the packed formats hold SEQ's levels as the odd codes of a symmetric grid with half the scale:
+    # int4 (what vLLM's WNA16 kernels take), int3 with --any-bits (packed densely), exactly
+    for fmt, extra, bits in (("compressed-tensors", [], 4), ("compressed-tensors", ["--any-bits"], 3), ("gptq", [], 4)):
+        dest = tmp_path / f"export-{fmt}-{bits}"
+        assert main(["export", str(out), "--format", fmt, "--out", str(dest), "--verify", *extra]) == 0
+        printed = capsys.readouterr().out
+        assert "max abs difference 0 (identical)" in printed, printed
+        qc = json.loads((dest / "config.json").read_text())["quantization_config"]
+        assert (qc["config_groups"]["group_0"]["weights"]["num_bits"] if fmt == "compressed-tensors" else qc["bits"]) == bits
     assert main(["export", str(out), "--format", "fake", "--out", str(tmp_path / "fake")]) == 0
     assert json.loads((tmp_path / "fake" / "qat_quant.json").read_text())["layers"] == json.loads((out / "final" / "qat_quant.json").read_text())["layers"]
     fake = load_file(str(tmp_path / "fake" / "model.safetensors"))

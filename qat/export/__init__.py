@@ -46,7 +46,7 @@ from ..io.final import ADAPTER_DIR, has_adapter
 from ..io.rundir import DiskError, RunLock, forbidden, fsync_dir, fsync_tree, resolved, stale_temp_dirs, write_failure, write_json_atomic
 from .formats import FORMATS, WRITERS, _tokenizer_files
 from .merge import merge_lora, sample_ids
-from .packing import check_compressed_tensors, check_gptq_schemes
+from .packing import check_compressed_tensors, check_gptq_schemes, seq_as_int, seq_codes_as_int
 from .sizes import bf16_bytes, bf16_layer_bytes, dir_bytes, human, layer_bytes, weights_bytes
 from .source import ExportError, _scheme_key, describe, load_source, read_layers, resolve_run
 from .verify import verify_export
@@ -106,7 +106,14 @@ def export(
     if merge:
         ids, what = sample_ids(src)
         merge_info = {**merge_lora(src, ids), "sequences": what}
+    seq = [n for n, i in layers.items() if i.get("seq_bits")]
+    for name in seq:  # SEQ layers as the symmetric integer grid holding the same values (packed formats)
+        src.qweights[name] = seq_codes_as_int(src.qweights[name], layers[name])
+    src.layers = layers
     info = write_export(src, fmt, out, final, layers, merge_info)
+    if seq:
+        info["seq_as_int"] = (f"{len(seq)} SEQ layers written as {describe(_scheme_key(layers[seq[0]]))} with half their scales: "
+                              "the same values, bit for bit")
     info["seconds"] = round(time.perf_counter() - t0, 2)
     log_export(info, final, out, layers, merge_info, log)
     if verify:
@@ -131,6 +138,8 @@ def check_export(run_dir, fmt: str, out, merge: bool, overwrite: bool, verify: b
         raise ExportError(f"{run_dir}: the run is still being written (process {busy} holds it); its final/ will be replaced "
                           "when it ends: export it then")
     layers = read_layers(final)
+    if fmt in ("compressed-tensors", "gptq"):  # SEQ's levels on the symmetric integer grid that holds them
+        layers = {n: seq_as_int(i, any_bits) for n, i in layers.items()}
     if fmt in ("compressed-tensors", "gptq"):  # both pack with compressed-tensors' pack_to_int32
         require("compressed_tensors", f"qat export --format {fmt}")
     if has_adapter(final) and (merge or verify):

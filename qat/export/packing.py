@@ -47,16 +47,42 @@ def _fake_hint(fmt: str) -> str:
     return f"export it with --format fake (dequantized weights + {QUANT_FILE}) instead of a {fmt} checkpoint that would differ"
 
 
+def seq_as_int(info: dict, any_bits: bool = False) -> dict:
+    """How a packed format holds a layer of SEQ's grid: its levels ``(u - (2^b - 1) / 2) * s`` are
+    the odd codes ``c = 2u - (2^b - 1)`` of a symmetric integer grid with scale ``s / 2``, the same
+    values bit for bit (halving a scale is exact). That grid has b + 1 bits, or the narrowest
+    width serving engines run at least that wide (int4 for SEQ W2 and W3: 4 bits per weight for
+    W2); ``any_bits`` keeps b + 1 (int3 for W2, packed densely, no vLLM kernel). Other layers as
+    they are; a SEQ width with no such grid (8 bits) too, for ``check_servable`` to refuse."""
+    from ..quant.scheme import SUPPORTED_BITS
+
+    if info.get("grid") != "seq":
+        return info
+    wide = [b for b in SUPPORTED_BITS if b > info["bits"] and (any_bits or b in SERVABLE_BITS)]
+    if not wide:
+        return info
+    return {**info, "bits": min(wide), "symmetric": True, "grid": "int", "seq_bits": info["bits"]}
+
+
+def seq_codes_as_int(qw: QuantizedWeight, info: dict) -> QuantizedWeight:
+    """A SEQ layer's codes and qparams on the symmetric grid ``seq_as_int`` chose (``info``)."""
+    from ..quant.scheme import QuantScheme
+
+    b = qw.scheme.bits
+    scheme = QuantScheme(bits=info["bits"], group_size=info["group_size"], symmetric=True, act_bits=info.get("act_bits"))
+    return QuantizedWeight(2 * qw.codes - (2**b - 1), qw.scale / 2, torch.zeros_like(qw.zero_point), scheme)
+
+
 def check_servable(layers: dict[str, dict], fmt: str, any_bits: bool = False) -> None:
     """Refuse schemes a serving engine cannot take, naming the layers, and offer --format fake.
     ``any_bits``: allow int2/int3 (packed densely by compressed-tensors 0.20 and loaded back by
     transformers, but no vLLM kernel takes them; the int3 layout changed in compressed-tensors 2026)."""
-    seq = [n for n, i in layers.items() if i.get("grid") == "seq"]
+    seq = [n for n, i in layers.items() if i.get("grid") == "seq"]  # left so by seq_as_int: no integer grid holds them
     if seq:
         raise ExportError(
-            f"{fmt}: {len(seq)} layers are on SEQ's grid (quant.grid: seq), whose zero-point (2^b - 1) / 2 is a half-integer; "
-            f"{fmt} stores integer zero-points. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}, or train on an integer "
-            "grid (quant.grid: int)."
+            f"{fmt}: {len(seq)} layers are on SEQ's grid (quant.grid: seq) at {layers[seq[0]]['bits']} bits, whose levels no "
+            f"integer grid of the widths {fmt} packs holds. {_fake_hint(fmt)[0].upper() + _fake_hint(fmt)[1:]}, or train on "
+            "an integer grid (quant.grid: int)."
         )
     bad_bits = {} if any_bits else {n: i["bits"] for n, i in layers.items() if i["bits"] not in SERVABLE_BITS}
     if bad_bits:
