@@ -360,7 +360,10 @@ class TrainSection(_Section):
     grad_accum: int = Field(1, gt=0)
     grad_clip: float | None = Field(1.0, gt=0)
     seed: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
+        None, description="null: the launch configuration's (accelerate launch --mixed_precision / its config file), else no; "
+        "set in both and different: the run stops naming both"
+    )
     activation_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile the student (inductor) after Accelerate wraps it; pays off on GPUs")
     log_every: int = Field(10, gt=0)

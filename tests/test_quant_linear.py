@@ -361,3 +361,22 @@ def test_seq_learnable_layer_trains_its_scales_and_keeps_its_half_integer_zero_p
     assert torch.equal(qw.zero_point, torch.full_like(qw.zero_point, 1.5)) and qw.codes.min() >= 0 and qw.codes.max() <= 3
     torch.testing.assert_close(layer(_x(2, 64)), F.linear(_x(2, 64), qw.dequantize(), layer.bias))
     assert "w2 g16 seq learnable" in repr(layer)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "compile"])
+def test_learnable_qparams_train_under_activation_checkpointing(kernel):
+    """LSQ scales (the 2-bit default) inside non-reentrant activation checkpointing: the backward
+    unpacks its saved tensors once (a second unpack is an error there), and the gradients equal
+    those of the same layer without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 16, bias=False)
+    layer = QATLinear.from_linear(lin, QuantScheme(bits=2, group_size=32, symmetric=False, learnable=True, grid="seq"))
+    layer.kernel = kernel
+    x = torch.randn(4, 64)
+    layer(x).pow(2).sum().backward()
+    ref = (layer.weight.grad.clone(), layer.weight_scale.grad.clone())
+    layer.zero_grad()
+    checkpoint(lambda t: layer(t), x, use_reentrant=False).pow(2).sum().backward()
+    assert torch.equal(layer.weight.grad, ref[0]) and torch.equal(layer.weight_scale.grad, ref[1])

@@ -137,11 +137,12 @@ class _GivenFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        mask = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
+        mask = saved[0]
         gw = _run("ste_bwd", ctx.compiled, gy, mask, ctx.ref_dtype, ctx.ref_dtype) if ctx.needs_input_grad[0] else None
         gs = gz = None
         if ctx.qparam_grads:
-            _, w, scale, zero = ctx.saved_tensors
+            _, w, scale, zero = saved
             # the sums stay eager: a compiled reduction may add in another order (not bit-exact)
             ts, tz = _run("lsq_terms", ctx.compiled, gy, w, scale, zero, *ctx.spec, ctx.ref_dtype)
             gs = ts.sum(-1).to(scale.dtype) if ctx.needs_input_grad[1] else None

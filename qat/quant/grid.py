@@ -271,12 +271,13 @@ class _FakeQuantSTE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        in_range = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors  # unpacked once: activation checkpointing allows no second unpack
+        in_range = saved[0]
         gyg = group_view(gy, ctx.group_size)
         gw = (gyg * in_range).reshape(gy.shape) if ctx.needs_input_grad[0] else None
         gs = gz = None
         if ctx.qparam_grads:
-            _, v, q, scale, z = ctx.saved_tensors
+            _, v, q, scale, z = saved
             if ctx.needs_input_grad[1]:
                 gs = _lsq_scale_term(gyg, in_range, v, q, z).sum(-1).to(scale.dtype)
             if ctx.needs_input_grad[2]:

@@ -16,7 +16,7 @@ import torch
 from ..deps import available, hint
 from ..dist import fsdp_on_cpu, rank_zero
 from ..io.rundir import DiskError
-from ..recipe import Recipe
+from ..recipe import Recipe, RecipeError
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -75,9 +75,25 @@ def init_tracking(recipe: Recipe, accelerator, out: Path) -> None:
         accelerator.trackers = []
 
 
+def resolve_precision(recipe: Recipe) -> str:
+    """The run's mixed precision, from one source: ``train.mixed_precision``, or (null) the launch
+    configuration's (``accelerate launch`` exports ``ACCELERATE_MIXED_PRECISION``), else ``no``.
+    Set in both and different: ``RecipeError`` naming both. Written into the recipe, so
+    ``recipe.yaml`` says what the run used."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    given = recipe.train.mixed_precision
+    if given is not None and launched is not None and launched != given:
+        raise RecipeError(f"train.mixed_precision: the recipe says {given!r} and the launch configuration (accelerate launch "
+                          f"--mixed_precision / its config file) says {launched!r}; set it in one place (train.mixed_precision: null "
+                          "takes the launch configuration's)")
+    recipe.train.mixed_precision = given or launched or "no"
+    return recipe.train.mixed_precision
+
+
 def make_accelerator(recipe: Recipe, out: Path):
     from accelerate import Accelerator
 
+    resolve_precision(recipe)
     tr = recipe.tracking
     use_wandb = tr.wandb_project is not None and tr.mode != "disabled" and available("wandb")
     if tr.wandb_project is not None and tr.mode != "disabled" and not use_wandb and rank_zero():
