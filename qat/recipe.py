@@ -11,7 +11,7 @@ import glob
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -58,9 +58,9 @@ class ModelSection(_Section):
     config: dict[str, Any] | None = Field(None, description="inline config (with model_type) for a from-scratch model")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="master weights of the student")
     save_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of final/ (default: dtype)")
-    revision: str | None = None
-    trust_remote_code: bool = False
-    attn_implementation: str | None = "sdpa"
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) of model.path, for the student, the default teacher and the tokenizer")
+    trust_remote_code: bool = Field(False, description="run the Python code a hub model ships (the run prints that it is on); every load of the recipe's models honours it")
+    attn_implementation: str | None = Field("sdpa", description="passed to from_pretrained (sdpa, eager, flash_attention_2, ...)")
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -78,7 +78,7 @@ class TokenizerSection(_Section):
 
 class TeacherSection(_Section):
     path: str | None = Field(None, description="defaults to model.path (the original weights)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("bfloat16", description="dtype of the frozen teacher (the original weights)")
 
 
 def grid_defaults(bits: int) -> dict:
@@ -155,7 +155,7 @@ class QuantOverride(_Section):
 
 class QuantSection(_Section):
     _given: dict = PrivateAttr(default_factory=dict)
-    bits: int = 4
+    bits: int = Field(4, description="code bits per weight: 2, 3, 4 or 8")
     group_size: int | None = Field(128, gt=0, description="null = per-channel")
     # null keys take the best of the llama-small sweeps at the bit width (grid_defaults)
     symmetric: bool | None = Field(
@@ -163,7 +163,7 @@ class QuantSection(_Section):
         description="null: false on SEQ's grid (the 2-bit default), true at 3 bits and up; setting it chooses an integer grid "
         "(asymmetric was 1.40 vs 1.51 ppl/FP symmetric at W2g64 on llama-small)",
     )
-    scale_init: Literal["minmax", "mse"] = "mse"
+    scale_init: Literal["minmax", "mse"] = Field("mse", description="mse: per-group clip ratio searched to minimise the weight error; minmax: the group's full range")
     learnable: bool | None = Field(None, description="null: learnable (LSQ) scales at 2 bits, recomputed every step at 3 bits and up")
     grid: Literal["int", "seq"] | None = Field(
         None,
@@ -172,13 +172,13 @@ class QuantSection(_Section):
         "is set (W2g64 on llama-small: 1.2773 / 1.2832 vs 1.3078 / 1.3141 ppl/FP over 2 seeds), int otherwise",
     )
     lsq_grad_scale: bool = Field(False, description="with learnable: multiply the scales' gradient by LSQ's 1 / sqrt(group_size * qmax)")
-    act_bits: Literal[8] | None = None
+    act_bits: Literal[8] | None = Field(None, description="8: per-token dynamic symmetric int8 fake-quant of the quantized layers' inputs (W4A8); null: weights only")
     kernel: Literal["auto", "eager", "compile"] = Field(
         "auto", description="fake-quant implementation: auto = compiled (fused) on CUDA, eager elsewhere; same values bit for bit"
     )
-    targets: list[str] | None = None
-    ignore: list[str] = []
-    overrides: list[QuantOverride] = []
+    targets: list[str] | None = Field(None, description="regexes (re.search on qualified names) of the Linear layers to quantize; null: every Linear inside the transformer blocks (layers.N. / h.N. / blocks.N.), so lm_head and embeddings stay in full precision")
+    ignore: list[str] = Field([], description="regexes of layers to leave in full precision")
+    overrides: list[QuantOverride] = Field([], description="mixed precision: a list of {pattern, bits, group_size, per_channel, symmetric, learnable, grid}, first match wins; a key left out takes the recipe's value, or where that is null too the default of the override's own bits")
     start_step: int = Field(
         0, ge=0, description="fake-quant off (plain fine-tuning / KD) before this optimizer step; at it the qparams are re-initialised from the weights"
     )
@@ -255,7 +255,7 @@ class FreezeSection(_Section):
         description="null: ov-freeze at 4 bits and up (none on models without o_proj / v_proj), none below 4 bits, "
         "without quant and with peft (default_freeze_policy)",
     )
-    patterns: list[str] | None = None
+    patterns: list[str] | None = Field(None, description="regexes of the layers policy custom freezes, or that adapt ov-freeze to another family (OPT: ['\\.v_proj$', '\\.out_proj$'])")
     start_step: int = Field(0, ge=0, description="freeze at this optimizer step (the layers train under fake-quant until then); 0: from the start")
     scales: bool = Field(True, description="false: freeze the weights only, the learnable scales (quant.learnable) keep training")
 
@@ -283,10 +283,10 @@ class TeacherCacheSection(_Section):
 
 
 class DistillSection(_Section):
-    loss: Literal["forward_kl", "reverse_kl", "jsd", "cakld"] = "forward_kl"
-    temperature: float = Field(1.0, gt=0)
-    kd_weight: float = Field(1.0, ge=0)
-    ce_weight: float = Field(0.0, ge=0)
+    loss: Literal["forward_kl", "reverse_kl", "jsd", "cakld"] = Field("forward_kl", description="forward_kl, reverse_kl, jsd, or cakld (confidence-aware KL: c * reverse + (1 - c) * forward per token, c the teacher's top probability)")
+    temperature: float = Field(1.0, gt=0, description="softmax temperature T of student and teacher (the KD term is scaled by T^2)")
+    kd_weight: float = Field(1.0, ge=0, description="loss = kd_weight * T^2 * KD + ce_weight * CE")
+    ce_weight: float = Field(0.0, ge=0, description="weight of the cross-entropy on the real next tokens")
     chunk_tokens: int | None = Field(
         256, gt=0, description="tokens per chunk of the KD/CE loss (float32 copies of one chunk at a time); null: all tokens at once"
     )
@@ -300,28 +300,28 @@ class GenerateSection(_Section):
 
     count: int = Field(1024, gt=0, description="sequences to generate")
     length: int | None = Field(None, gt=1, description="tokens per sequence (default: data.seq_len)")
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, description="sampling temperature of the teacher")
     top_k: int | None = Field(50, gt=0, description="null: sample from the full distribution")
-    seed: int = 0
+    seed: int = Field(0, description="sampling seed")
     batch_size: int = Field(32, gt=0, description="sequences per generate call (and per cache shard)")
 
 
 class DataSection(_Section):
-    source: Literal["files", "hf", "python-stdlib", "teacher-generated"] = "files"
+    source: Literal["files", "hf", "python-stdlib", "teacher-generated"] = Field("files", description="files (local text / json / jsonl / parquet, globs, .gz), hf (load_dataset(name, config, split)), python-stdlib (the Python standard library's source), teacher-generated (sequences sampled from the teacher)")
     files: list[str] | None = Field(None, description="local text/json/jsonl/parquet files or globs (.gz ok)")
     name: str | None = Field(None, description="load_dataset path or hub name (source: hf)")
-    config: str | None = None
-    split: str = "train"
-    format: Literal["auto", "text", "json", "parquet"] = "auto"
-    text_field: str = "text"
+    config: str | None = Field(None, description="the hf dataset's configuration name")
+    split: str = Field("train", description="the hf split to train on")
+    format: Literal["auto", "text", "json", "parquet"] = Field("auto", description="format of data.files: auto (from the extension), text, json, parquet")
+    text_field: str = Field("text", description="the column holding the text (json, parquet, hf)")
     doc_separator: str | None = Field(None, description="split text samples into documents on this string")
-    valid_files: list[str] | None = None
-    valid_split: str | None = None
-    valid_fraction: float = Field(0.0, ge=0, lt=1)
-    seq_len: int = Field(512, gt=1)
-    packing: bool = True
-    max_train_tokens: int | None = Field(None, gt=0)
-    max_valid_tokens: int | None = Field(None, gt=0)
+    valid_files: list[str] | None = Field(None, description="validation files (same format rules as data.files)")
+    valid_split: str | None = Field(None, description="validation split of an hf dataset")
+    valid_fraction: float = Field(0.0, ge=0, lt=1, description="a seeded fraction of the training documents held out for validation")
+    seq_len: int = Field(512, gt=1, description="tokens per block")
+    packing: bool = Field(True, description="true: documents joined with eos and cut into full blocks; false: one padded row per document")
+    max_train_tokens: int | None = Field(None, gt=0, description="training token budget (the first blocks are kept); null: all")
+    max_valid_tokens: int | None = Field(None, gt=0, description="validation token budget; null: all")
     generate: GenerateSection = GenerateSection()
     cache_dir: str | None = Field(None, description="teacher-generated data cache (default: <output_dir>/generated-data)")
 
@@ -346,27 +346,27 @@ class DataSection(_Section):
 
 
 class TrainSection(_Section):
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = Field("adamw", description="adamw, or bitsandbytes' adamw_8bit / paged_adamw_8bit (the bnb extra)")
     lr: float = Field(3e-4, gt=0, description="tuned for QAT of small models (llama-small, 17M); large models want less (the 7B recipes use 2e-5)")
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    schedule: Literal["constant", "linear", "cosine"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    min_lr_ratio: float = Field(0.0, ge=0, le=1)
-    max_steps: int | None = Field(None, ge=0)
-    epochs: float | None = Field(None, gt=0)
-    micro_batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    grad_clip: float | None = Field(1.0, gt=0)
-    seed: int = 0
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    eps: float = Field(1e-8, gt=0, description="AdamW epsilon")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (never on 1-D tensors and quantization parameters)")
+    schedule: Literal["constant", "linear", "cosine"] = Field("cosine", description="learning-rate schedule after the warmup: constant, linear, cosine")
+    warmup_steps: int = Field(0, ge=0, description="linear warmup steps")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="the schedule's final learning rate as a fraction of train.lr")
+    max_steps: int | None = Field(None, ge=0, description="optimizer steps (exactly one of max_steps and epochs)")
+    epochs: float | None = Field(None, gt=0, description="passes over the training blocks (exactly one of max_steps and epochs)")
+    micro_batch_size: int = Field(8, gt=0, description="blocks per process per forward; global batch = micro_batch_size x processes x grad_accum")
+    grad_accum: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    grad_clip: float | None = Field(1.0, gt=0, description="global gradient-norm clip; null: none")
+    seed: int = Field(0, description="seed of the data order, initialisation and sampling")
     mixed_precision: Literal["no", "bf16", "fp16"] | None = Field(
         None, description="null: the launch configuration's (accelerate launch --mixed_precision / its config file), else no; "
         "set in both and different: the run stops naming both"
     )
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward (less memory, about a third more compute)")
     compile: bool = Field(False, description="torch.compile the student (inductor) after Accelerate wraps it; pays off on GPUs")
-    log_every: int = Field(10, gt=0)
+    log_every: int = Field(10, gt=0, description="steps per metrics.jsonl row")
     max_bad_steps: int = Field(3, ge=0, description="steps with a non-finite loss or gradient skipped before the run stops")
 
     @field_validator("betas")
@@ -391,12 +391,12 @@ class PeftSection(_Section):
         description="separate: frozen quantized base + full-precision adapter (QLoRA style, final/adapter/); "
         "merged: the quantizer sees W + (alpha/r) B A, final/ is the merged, re-quantized model",
     )
-    r: int = Field(16, gt=0)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
+    r: int = Field(16, gt=0, description="LoRA rank")
+    alpha: float = Field(16.0, gt=0, description="LoRA alpha (the adapter is scaled by alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout (0 with peft.mode merged)")
     target_modules: list[str] | None = Field(None, description="regexes on layer names (default: every quantized, non-frozen layer)")
-    init: Literal["gaussian", "loftq", "qera"] = "gaussian"
-    loftq_iters: int = Field(1, gt=0)
+    init: Literal["gaussian", "loftq", "qera"] = Field("gaussian", description="adapter start (separate mode): gaussian (peft's default), loftq (LoftQ-style alternation), qera (QERA's low-rank reconstruction of the quantization error on calibration tokens)")
+    loftq_iters: int = Field(1, gt=0, description="alternations of peft.init loftq")
     init_tokens: int = Field(16384, gt=0, description="calibration tokens (training data) for init: qera")
 
     _lists = field_validator("target_modules", mode="before")(_as_list)
@@ -412,21 +412,21 @@ class PeftSection(_Section):
 
 class EvalSection(_Section):
     every: int = Field(0, ge=0, description="validate every N steps (0: only at the end)")
-    batch_size: int = Field(8, gt=0)
-    max_batches: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0, description="blocks per validation forward")
+    max_batches: int | None = Field(None, gt=0, description="validation batches per evaluation; null: the whole validation set")
 
 
 class TrackingSection(_Section):
     wandb_project: str | None = Field(None, description="null: no wandb (metrics.jsonl is always written)")
-    run_name: str | None = None
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    tags: list[str] = []
-    entity: str | None = None
+    run_name: str | None = Field(None, description="the wandb run's name")
+    mode: Literal["online", "offline", "disabled"] = Field("offline", description="wandb mode: online, offline (sync later from <output_dir>/wandb), disabled; WANDB_MODE wins")
+    tags: list[str] = Field([], description="wandb tags")
+    entity: str | None = Field(None, description="wandb entity (team or user)")
 
 
 class CheckpointSection(_Section):
     every: int = Field(0, ge=0, description="save every N optimizer steps (0: never)")
-    keep: int = Field(2, gt=0)
+    keep: int = Field(2, gt=0, description="how many of the newest checkpoints are kept")
     resume: str | None = Field(None, description="'auto' (newest complete checkpoint) or a checkpoint dir")
 
 
@@ -484,7 +484,7 @@ class PTQSection(_Section):
 
 
 class Recipe(_Section):
-    output_dir: str
+    output_dir: str = Field(description="the run directory (checkpoints, final/, metrics.jsonl, eval.json); qat writes nothing outside it")
     model: ModelSection
 
     @field_validator("output_dir")
@@ -774,3 +774,72 @@ def _output_dir_problems(output_dir: str) -> list[str]:
                 return [f"output_dir: {parent} is a file, so {output_dir} cannot be created"]
             break
     return []
+
+
+# -- the reference of every key, generated from this schema (docs/recipes.md) ----------------------
+def _type_name(annotation) -> str:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if args and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return " \\| ".join(_type_name(a) for a in rest) + " \\| `null`"
+    if origin is dict:
+        return "mapping"
+    if origin in (list, tuple):
+        inner = ", ".join(_type_name(a) for a in args if a is not Ellipsis)
+        return f"list of {inner}" if origin is list else f"[{inner}]"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "section"
+    if origin is not None:  # X | Y
+        return " \\| ".join(_type_name(a) for a in args)
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default_text(field) -> str:
+    from pydantic_core import PydanticUndefined
+
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if isinstance(value, BaseModel):
+        return "(section)"
+    if isinstance(value, tuple):
+        value = list(value)
+    return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+
+def reference_markdown() -> str:
+    """Every recipe key with its type, default and description, section by section, and what the
+    null grid and freeze keys mean at each bit width: the text of ``docs/recipes.md`` (the suite
+    checks that the file is this function's output, so the reference cannot drift from the schema)."""
+    out = ["# Recipe reference", "",
+           "Generated from the recipe schema (`qat/recipe.py`) by `qat keys`; do not edit by hand. A recipe is YAML with",
+           "these keys; `qat train RECIPE dotted.key=value ...` overrides any of them.", ""]
+
+    def section(model, prefix: str, title: str) -> None:
+        doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        out.extend([f"## {title}", ""] + ([doc, ""] if doc and model is not Recipe else []))
+        out.extend(["| key | type | default | meaning |", "|---|---|---|---|"])
+        subs = []
+        for name, field in model.model_fields.items():
+            sub = _section_of(field.annotation)
+            desc = (field.description or "").replace("|", "\\|")
+            if sub is not None and get_origin(field.annotation) is not list:
+                subs.append((sub, f"{prefix}{name}."))
+                desc = desc or f"see `{prefix}{name}` below"
+            out.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default_text(field)} | {desc} |")
+        out.append("")
+        for sub, p in subs:
+            section(sub, p, f"`{p.rstrip('.')}`")
+
+    section(Recipe, "", "Top level")
+    out.extend(["## What null means, by bit width", "",
+                "`quant.grid`, `quant.symmetric`, `quant.learnable` and `freeze.policy` left null take the value of the",
+                "bit width (`grid_defaults`, `default_freeze_policy`; a `quant.overrides` entry by its own bits):", "",
+                "| bits | grid | symmetric | learnable | freeze.policy |", "|---|---|---|---|---|"])
+    for bits in sorted(SUPPORTED_BITS):
+        d = grid_defaults(bits)
+        freeze = default_freeze_policy(QuantSection(bits=bits), None)
+        out.append(f"| {bits} | `{d['grid']}` | `{str(d['symmetric'] and d['grid'] != 'seq').lower()}` | `{str(d['learnable']).lower()}` | `{freeze}` |")
+    return "\n".join(out) + "\n"

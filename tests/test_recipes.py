@@ -105,3 +105,14 @@ def test_precision_has_one_source(monkeypatch, tmp_path, capsys):
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
     r = load_recipe(REPO / "recipes" / "llama3-8b" / "w4g128-kd-8gpu.yaml", check_files=False)
     assert resolve_precision(r) == "no"
+
+
+def test_the_recipe_reference_is_the_schema():
+    """docs/recipes.md is `qat keys`' output: a key, default or description changed in the schema
+    and not regenerated fails here (regenerate: qat keys > docs/recipes.md)."""
+    from qat.recipe import reference_markdown, schema_keys
+
+    text = (REPO / "docs" / "recipes.md").read_text()
+    assert text == reference_markdown(), "docs/recipes.md is stale: run `qat keys > docs/recipes.md`"
+    missing = [k for k in schema_keys() if f"| `{k}` |" not in text]
+    assert not missing, missing

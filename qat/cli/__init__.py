@@ -13,10 +13,10 @@ import sys
 from ..deps import MissingDependency
 from ..quant.scheme import QuantConfigError
 from ..recipe import RecipeError, UsageError
-from . import analyze, compare, env, export, ptq, train
+from . import analyze, compare, env, export, keys, ptq, train
 from . import eval as eval_cmd
 
-COMMANDS = (train, export, ptq, eval_cmd, compare, analyze, env)  # the order `qat --help` lists them
+COMMANDS = (train, export, ptq, eval_cmd, compare, analyze, keys, env)  # the order `qat --help` lists them
 
 
 def build_parser() -> argparse.ArgumentParser:
