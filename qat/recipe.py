@@ -130,11 +130,13 @@ _SEQ_SYMMETRIC = "symmetric: true does not go with grid: seq (SEQ's levels are s
 
 
 class QuantOverride(_Section):
+    """One entry of ``quant.overrides``: the layers whose names match ``pattern`` get this scheme."""
+
     _given: dict = PrivateAttr(default_factory=dict)
-    pattern: str
-    bits: int | None = None
-    group_size: int | None = Field(None, gt=0)
-    per_channel: bool = False
+    pattern: str = Field(description="regex (re.search) on qualified layer names; the first entry that matches a layer wins")
+    bits: int | None = Field(None, description="null: quant.bits")
+    group_size: int | None = Field(None, gt=0, description="null: quant.group_size")
+    per_channel: bool = Field(False, description="true: one scale per output channel (no groups)")
     symmetric: bool | None = Field(None, description="null: quant.symmetric, or the default of this override's bits when that is null too")
     learnable: bool | None = Field(None, description="null: quant.learnable, or the default of this override's bits when that is null too")
     grid: Literal["int", "seq"] | None = Field(None, description="null: quant.grid, or the default of this override's bits when that is null too")
@@ -818,20 +820,21 @@ def reference_markdown() -> str:
            "these keys; `qat train RECIPE dotted.key=value ...` overrides any of them.", ""]
 
     def section(model, prefix: str, title: str) -> None:
-        doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ")
+        doc = (model.__doc__ or "").strip().split("\n\n")[0].replace("\n", " ").replace("``", "`")
         out.extend([f"## {title}", ""] + ([doc, ""] if doc and model is not Recipe else []))
         out.extend(["| key | type | default | meaning |", "|---|---|---|---|"])
         subs = []
         for name, field in model.model_fields.items():
             sub = _section_of(field.annotation)
             desc = (field.description or "").replace("|", "\\|")
-            if sub is not None and get_origin(field.annotation) is not list:
+            if sub is not None:
                 subs.append((sub, f"{prefix}{name}."))
                 desc = desc or f"see `{prefix}{name}` below"
             out.append(f"| `{prefix}{name}` | {_type_name(field.annotation)} | {_default_text(field)} | {desc} |")
         out.append("")
         for sub, p in subs:
-            section(sub, p, f"`{p.rstrip('.')}`")
+            entries = get_origin(model.model_fields[p.rstrip(".").rpartition(".")[2]].annotation) is list
+            section(sub, p, f"`{p.rstrip('.')}`" + (" (each entry of the list)" if entries else ""))
 
     section(Recipe, "", "Top level")
     out.extend(["## What null means, by bit width", "",
