@@ -1,5 +1,5 @@
 """The package's import graph: no cycle, and every module imports only from its own package or
-from layers below it (the README's "How the code is laid out" lists the same layers).
+from layers below it (docs/internals.md, "How the code is laid out", lists the same layers).
 
 Imports are read from the source (module level and inside functions alike), so a cycle hidden
 in a function-level import is found too.
@@ -71,7 +71,7 @@ def layer_of(mod: str) -> int:
             return i
     if mod == "qat":
         return -1
-    raise AssertionError(f"{mod} is in no layer of tests/test_layers.py (add it, and to the README)")
+    raise AssertionError(f"{mod} is in no layer of tests/test_layers.py (add it, and to docs/internals.md)")
 
 
 def test_every_module_has_a_layer():
