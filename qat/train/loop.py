@@ -56,8 +56,8 @@ from .tracking import MetricsLog, init_tracking, make_accelerator, peak_memory_g
 # -- setup ---------------------------------------------------------------------------------
 def check_output_dir(recipe: Recipe, overwrite: bool) -> tuple[Path | None, bool]:
     """Refuse to clobber another run or anything qat did not create (``qat.io.rundir``); return
-    the checkpoint to resume from, if any, and whether ``output_dir`` holds a run. Writes nothing. A checkpoint from elsewhere only starts a
-    run in a directory that holds none (or with --overwrite). --overwrite starts over: it never
+    the checkpoint to resume from, if any, and whether ``output_dir`` holds a run. Writes nothing.
+    A checkpoint from elsewhere only starts a run in a directory that holds none (or with --overwrite). --overwrite starts over: it never
     resumes the run it replaces (``checkpoint.resume=auto`` is set aside, with a line saying so)."""
     out = Path(recipe.output_dir)
     resume = recipe.checkpoint.resume
@@ -414,7 +414,8 @@ def verified_checkpoint(run: Run, resume_from: Path) -> Path | None:
             ckpt, passed_over = usable_checkpoint(run.out / "checkpoints", explicit, run.max_steps)
             if ckpt is not None:
                 run.changes = check_identity(run, ckpt)
-                passed_over += set_aside_newer(run.out / "checkpoints", read_state(ckpt)["step"]) if ckpt.parent == run.out / "checkpoints" else []
+                if ckpt.parent.resolve() == (run.out / "checkpoints").resolve():  # newer ones are not this continuation's
+                    passed_over += set_aside_newer(run.out / "checkpoints", read_state(ckpt)["step"])
             choice = (str(ckpt) if ckpt else None, passed_over, None)
         except (CheckpointError, RecipeError) as e:
             choice = (None, [], (e.__class__.__name__, str(e)))
