@@ -39,6 +39,7 @@ from .io.models import load_teacher, load_tokenizer
 from .ptq import default_run_dir, run_ptq
 from .recipe import Recipe, RecipeError, validate
 from .train.loop import train
+from .train.tracking import resolve_precision
 
 
 # -- runs ---------------------------------------------------------------------------------
@@ -88,8 +89,10 @@ def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None
         old = validate(yaml.safe_load(rp.read_text()) or {})
     except RecipeError:
         return None
-    if kind == "qat":  # a default freeze policy resolves on the model, as the run did before writing recipe.yaml
+    if kind == "qat":  # what the run resolved before writing recipe.yaml: the precision, a default freeze policy
         recipe = recipe.model_copy(deep=True)
+        for r in (recipe, old):
+            resolve_precision(r)
         _resolve_on_model(recipe)
     if _comparable(old.to_dict(), kind, method) != _comparable(recipe.to_dict(), kind, method):
         return None
