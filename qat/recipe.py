@@ -60,7 +60,10 @@ class ModelSection(_Section):
     save_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="dtype of final/ (default: dtype)")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) of model.path, for the student, the default teacher and the tokenizer")
     trust_remote_code: bool = Field(False, description="run the Python code a hub model ships (the run prints that it is on); every load of the recipe's models honours it")
-    attn_implementation: str | None = Field("sdpa", description="passed to from_pretrained (sdpa, eager, flash_attention_2, ...)")
+    attn_implementation: str | None = Field(
+        None, description="passed to from_pretrained (sdpa, eager, flash_attention_2, ...); null: what transformers chooses for the "
+        "model (sdpa where the family supports it, eager for e.g. Gemma-2)"
+    )
 
     @model_validator(mode="after")
     def _one_source(self):

@@ -116,3 +116,35 @@ def test_the_recipe_reference_is_the_schema():
     assert text == reference_markdown(), "docs/recipes.md is stale: run `qat keys > docs/recipes.md`"
     missing = [k for k in schema_keys() if f"| `{k}` |" not in text]
     assert not missing, missing
+
+
+def test_a_family_without_sdpa_trains_on_the_attention_transformers_chooses(local, tmp_path):
+    """model.attn_implementation null (the default) lets transformers pick the attention: Gemma-2,
+    which has no SDPA path, trains and exports instead of stopping at load."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qat.data.corpus import train_tokenizer
+
+    d = tmp_path / "gemma2"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.for_model("gemma2", **{**TINY, "head_dim": 16})).save_pretrained(d)
+    train_tokenizer([local["text"].read_text()], 300).save_pretrained(d)
+    recipe = "recipes/tiny/w4-ovfreeze.yaml"
+    out = tmp_path / "run"
+    o = [x for x in smoke_overrides(recipe, local, out) if not x.startswith("model.path=")]
+    assert main(["train", str(REPO / recipe), *o, f"model.path={d}"]) == 0
+    assert main(["export", str(out), "--format", "compressed-tensors", "--verify"]) == 0
+
+
+def test_gpt2_conv1d_blocks_are_refused_in_one_line(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from conftest import PRETRAIN, SCRATCH_SMALL
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=128)).save_pretrained(d)
+    assert main(["train", PRETRAIN, f"output_dir={tmp_path / 'run'}", *SCRATCH_SMALL, f"model.path={d}", "model.config=null",
+                 "quant={bits: 4, group_size: 16}", "tokenizer.train_vocab_size=300"]) == 2
+    err = capsys.readouterr().err
+    assert "Conv1D layers (GPT-2 style, e.g. transformer.h.0.attn.c_attn)" in err and "Traceback" not in err, err

@@ -78,6 +78,12 @@ def quantize_model(
     if not linears:
         raise QuantConfigError("the model has no nn.Linear layers to quantize")
 
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and any(r.search(n) for r in target_res)]
+    if conv1d and not any(any(r.search(n) for r in target_res) for n, _ in linears):
+        raise QuantConfigError(
+            f"targets: the transformer blocks of this model are built of transformers' Conv1D layers (GPT-2 style, e.g. {conv1d[0]}), "
+            "not nn.Linear; qat quantizes nn.Linear layers only: use a model family whose projections are nn.Linear"
+        )
     for key, regs in (("targets", target_res), ("ignore", ignore_res), ("layer_schemes", [r for r, _ in override_res])):
         for r in regs:
             if not any(r.search(n) for n, _ in linears):
