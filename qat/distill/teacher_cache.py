@@ -53,6 +53,20 @@ def _teacher_identity(path: str) -> dict:
     }
 
 
+def _attention(recipe: Recipe) -> str | None:
+    """The attention the teacher runs with: ``model.attn_implementation``, or (null) transformers'
+    choice for the family, sdpa where it has it, else eager."""
+    if recipe.model.attn_implementation is not None:
+        return recipe.model.attn_implementation
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(recipe.teacher_path, trust_remote_code=recipe.model.trust_remote_code)
+        return "sdpa" if getattr(AutoModelForCausalLM._model_mapping[type(config)], "_supports_sdpa", False) else "eager"
+    except Exception:  # a remote-code or unknown family: named as chosen by transformers
+        return "default"
+
+
 def fingerprint(recipe: Recipe, blocks) -> dict:
     """What the cached logits depend on; two runs with equal fingerprints share a cache."""
     c = recipe.distill.teacher_cache
@@ -63,7 +77,7 @@ def fingerprint(recipe: Recipe, blocks) -> dict:
         **_teacher_identity(recipe.teacher_path),
         "teacher_dtype": recipe.teacher.dtype,
         "mixed_precision": recipe.train.mixed_precision,
-        "attn_implementation": recipe.model.attn_implementation,
+        "attn_implementation": _attention(recipe),
         "data_sha256": h.hexdigest(),
         "blocks": len(blocks),
         "seq_len": int(blocks.input_ids.shape[1]),
