@@ -485,7 +485,8 @@ def test_a_killed_exports_temp_folder_is_removed_and_a_running_run_is_not_export
     assert not stale.exists()
     # a run still being written (its lock held by a live process): refused, not exported stale
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-                               "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); time.sleep(60)",
+                               "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, str(os.getpid()).encode()); print('held', flush=True); "
+                               "time.sleep(60)",
                                str(ckpt_run / ".qat-run.lock")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
