@@ -91,8 +91,9 @@ def reusable(run_dir: Path, recipe: Recipe, kind: str, method: str | None = None
         return None
     if kind == "qat":  # what the run resolved before writing recipe.yaml: the precision, a default freeze policy
         recipe = recipe.model_copy(deep=True)
-        for r in (recipe, old):
-            resolve_precision(r)
+        resolve_precision(recipe)
+        if old.train.mixed_precision is None:  # a recipe.yaml that left it to the launch configuration
+            resolve_precision(old)
         _resolve_on_model(recipe)
     if _comparable(old.to_dict(), kind, method) != _comparable(recipe.to_dict(), kind, method):
         return None
