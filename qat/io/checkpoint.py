@@ -24,7 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
-from .rundir import DiskError, fsync_dir, fsync_tree, write_failure, write_json_atomic
+from .rundir import DiskError, first_line, fsync_dir, fsync_tree, write_failure, write_json_atomic
 
 STATE_FILE = "qat_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -193,10 +193,6 @@ def _remove(ckpt: Path) -> None:
         _rm(doomed)
     os.replace(ckpt, doomed)
     _rm(doomed)
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
 
 
 def _rm(p: Path) -> None:

@@ -20,6 +20,7 @@ from ..deps import require
 from ..recipe import Recipe, RecipeError
 from ..quant.apply import add_activation_quant
 from .final import ADAPTER_DIR, load_quant_layers
+from .rundir import first_line
 from .weights import check_weight_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -123,10 +124,6 @@ def check_sources(recipe: Recipe, config, tokenizer) -> None:
         if vocab_size(t_config) != vocab_size(config):
             raise RecipeError(f"{key}: the teacher's vocabulary has {vocab_size(t_config)} ids and the student's {vocab_size(config)}; "
                               "distillation needs the same vocabulary (a teacher of the same model family and tokenizer)")
-
-
-def first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
 
 
 def load_student(recipe: Recipe, config) -> nn.Module:

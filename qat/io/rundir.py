@@ -65,6 +65,11 @@ class DiskError(RuntimeError):
         super().__init__(what + (f"; {kept}" if kept else ""))
 
 
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its class name when it has none)."""
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+
+
 def write_failure(e: BaseException, path: Path | None = None) -> OSError | None:
     """``e`` as the ``OSError`` of a failed write, or None when it is not one. The libraries that
     write weights lose the error number on the way: safetensors raises ``SafetensorError``
