@@ -19,7 +19,8 @@ from torch import nn
 
 from .fused import KERNELS
 from .grid import minmax_qparams, mse_clip_ratio
-from .linear import QATLinear
+from .experts import QATExpertWeight, check_expert_scheme, check_layout, expert_tensors, unwrap_expert_tensor, wrap_expert_tensor
+from .linear import QATLinear, group_count
 from .scheme import QuantConfigError, QuantScheme
 
 DEFAULT_TARGETS: tuple[str, ...] = (r"(^|\.)(layers|h|blocks|block)\.\d+\.",)
@@ -27,25 +28,59 @@ DEFAULT_TARGETS: tuple[str, ...] = (r"(^|\.)(layers|h|blocks|block)\.\d+\.",)
 
 @dataclass
 class QuantReport:
-    """What ``quantize_model`` wrapped (name -> scheme) and which Linear layers it left alone."""
+    """What ``quantize_model`` wrapped (name -> scheme), what it left alone, and how much of the
+    transformer blocks' weights that is, in parameters."""
 
     layers: dict[str, QuantScheme] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # Linear layers, expert tensors and other block matrices left in full precision
+    experts: dict[str, int] = field(default_factory=dict)  # fused expert tensor -> number of experts
+    block_params: int = 0  # weights of matrices inside the transformer blocks
+    quantized_block_params: int = 0
+
+    WARN_BELOW = 0.95  # share of the block weights under which the summary warns
+
+    @property
+    def block_share(self) -> float:
+        return self.quantized_block_params / self.block_params if self.block_params else 1.0
 
     def summary(self) -> str:
         counts = Counter(
             (s.bits, s.group_size, s.symmetric, s.scale_init, s.learnable, s.act_bits, s.grid) for s in self.layers.values()
         )
-        lines = [f"quantized {len(self.layers)} Linear layers, left {len(self.skipped)} in full precision"]
+        n_lin = len(self.layers) - len(self.experts)
+        what = f"{n_lin} Linear"
+        if self.experts:
+            per = sorted(set(self.experts.values()))
+            what += f", {len(self.experts)} expert tensors x {'/'.join(map(str, per))} experts"
+        lines = [f"quantized {100 * self.block_share:.1f}% of block weights ({what}), left {len(self.skipped)} in full precision"]
         for (bits, g, sym, init, learn, act, grid), n in sorted(counts.items(), key=lambda kv: -kv[1]):
             gran = "per-channel" if g is None else f"group {g}"
             extra = (", learnable qparams" if learn else "") + (f", int{act} activations" if act else "")
             kind = "seq grid" if grid == "seq" else "sym" if sym else "asym"
             lines.append(f"  {n:4d} x W{bits} {gran} {kind} init={init}{extra}")
         if self.skipped:
-            shown = ", ".join(self.skipped[:6]) + (" ..." if len(self.skipped) > 6 else "")
-            lines.append(f"  full precision: {shown}")
+            shown = _collapse(self.skipped)
+            lines.append(f"  full precision: {', '.join(shown[:6])}{' ...' if len(shown) > 6 else ''}")
+        if self.block_share < self.WARN_BELOW:
+            lines.append(
+                f"WARNING: {100 * (1 - self.block_share):.1f}% of the transformer blocks' weights stay in full precision "
+                f"({', '.join(_collapse([n for n in self.skipped if _in_blocks(n)])[:4])}); quant.targets / quant.ignore decide this"
+            )
         return "\n".join(lines)
+
+
+def _collapse(names: list[str]) -> list[str]:
+    """Names with their block index replaced by ``*``, each once, in order."""
+    out: list[str] = []
+    for n in names:
+        c = re.sub(r"(^|\.)(layers|h|blocks|block)\.\d+\.", r"\1\2.*.", n)
+        if c not in out:
+            out.append(c)
+    return out
+
+
+def _in_blocks(name: str) -> bool:
+    return any(re.search(p, name + ".") for p in DEFAULT_TARGETS)
 
 
 def _compile(patterns, key: str) -> list[re.Pattern]:
@@ -74,24 +109,26 @@ def quantize_model(
     ignore_res = _compile(ignore or (), "ignore")
     overrides = list(layer_schemes or [])
     override_res = list(zip(_compile([p for p, _ in overrides], "layer_schemes"), [s for _, s in overrides]))
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QATLinear)]
-    if not linears:
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QATLinear)}
+    experts = expert_tensors(model)
+    if not linears and not experts:
         raise QuantConfigError("the model has no nn.Linear layers to quantize")
 
     conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and any(r.search(n) for r in target_res)]
-    if conv1d and not any(any(r.search(n) for r in target_res) for n, _ in linears):
+    if conv1d and not any(any(r.search(n) for r in target_res) for n in linears):
         raise QuantConfigError(
             f"targets: the transformer blocks of this model are built of transformers' Conv1D layers (GPT-2 style, e.g. {conv1d[0]}), "
             "not nn.Linear; qat quantizes nn.Linear layers only: use a model family whose projections are nn.Linear"
         )
+    names = [*linears, *experts]
     for key, regs in (("targets", target_res), ("ignore", ignore_res), ("layer_schemes", [r for r, _ in override_res])):
         for r in regs:
-            if not any(r.search(n) for n, _ in linears):
-                raise QuantConfigError(f"{key}: pattern {r.pattern!r} matches no Linear layer of the model")
+            if not any(r.search(n) for n in names):
+                raise QuantConfigError(f"{key}: pattern {r.pattern!r} matches no Linear layer or expert tensor of the model")
 
     report = QuantReport()
     chosen: dict[str, QuantScheme] = {}
-    for name, _ in linears:
+    for name in names:
         if any(r.search(name) for r in target_res) and not any(r.search(name) for r in ignore_res):
             chosen[name] = next((s for r, s in override_res if r.search(name)), scheme)
         else:
@@ -99,14 +136,37 @@ def quantize_model(
     if not chosen:
         raise QuantConfigError("targets/ignore leave no Linear layer to quantize")
 
-    modules = dict(linears)
     for name, s in chosen.items():  # validate every layer before changing any
-        s.check_layer(name, modules[name].in_features)
+        if name in experts:
+            check_layout(experts[name][0], name)
+            check_expert_scheme(s, name, experts[name][0]._parameters[experts[name][1]].shape[-1])
+        else:
+            s.check_layer(name, linears[name].in_features)
     for name, s in chosen.items():
-        parent, attr = _parent(model, name)
-        setattr(parent, attr, QATLinear.from_linear(getattr(parent, attr), s, name))
+        if name in experts:
+            module, pname = experts[name]
+            report.experts[name] = wrap_expert_tensor(module, pname, s, name).num_experts
+        else:
+            parent, attr = _parent(model, name)
+            setattr(parent, attr, QATLinear.from_linear(getattr(parent, attr), s, name))
         report.layers[name] = s
+    _count_block_weights(model, report)
     return report
+
+
+def _count_block_weights(model: nn.Module, report: QuantReport) -> None:
+    """Fill the report's parameter counts: every matrix (2-D or more, biases aside) inside the
+    blocks; those of no Linear or expert tensor (a router, say) join ``skipped``."""
+    quantized = {f"{n}.weight" for n in report.layers}
+    listed = {f"{n}.weight" for n in report.skipped} | set(report.skipped)
+    for pname, p in model.named_parameters():
+        if p.ndim < 2 or pname.endswith("bias") or not _in_blocks(pname):
+            continue
+        report.block_params += p.numel()
+        if pname in quantized:
+            report.quantized_block_params += p.numel()
+        elif pname not in listed:
+            report.skipped.append(pname.removesuffix(".weight"))
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -148,12 +208,15 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, param_d
     for name, layer in qat_linears(model).items():
         qw = layer.quantized_weight(dtype, param_dtype)
         target_dtype = dtype or layer.weight.dtype
-        plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-        plain.weight = nn.Parameter(qw.dequantize(target_dtype), requires_grad=False)
-        if layer.bias is not None:
-            plain.bias = nn.Parameter(layer.bias.detach().to(target_dtype), requires_grad=False)
         parent, attr = _parent(model, name)
-        setattr(parent, attr, plain)
+        if isinstance(layer, QATExpertWeight):
+            unwrap_expert_tensor(parent, attr, qw.dequantize(target_dtype))
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+            plain.weight = nn.Parameter(qw.dequantize(target_dtype), requires_grad=False)
+            if layer.bias is not None:
+                plain.bias = nn.Parameter(layer.bias.detach().to(target_dtype), requires_grad=False)
+            setattr(parent, attr, plain)
         s = layer.scheme
         layers[name] = {
             "bits": s.bits,
@@ -205,7 +268,7 @@ def reinit_qparams(model: nn.Module) -> int:
         if s.scale_init == "mse":
             ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric, seq=s.seq)
         else:
-            ratio = torch.ones((layer.out_features, layer.in_features // (s.group_size or layer.in_features)), device=w.device)
+            ratio = torch.ones(group_count(layer), device=w.device)
         if s.learnable:
             scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio, s.seq)
             layer.weight_scale.copy_(scale)

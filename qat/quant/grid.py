@@ -67,12 +67,14 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
 
 
 def group_view(w: Tensor, group_size: int | None) -> Tensor:
-    """``[out, in]`` -> ``[out, n_groups, group_size]`` (a view; per-channel = one group)."""
-    out_features, in_features = w.shape
+    """``[..., out, in]`` -> ``[..., out, n_groups, group_size]`` (a view; per-channel = one group).
+    Leading dimensions are independent matrices: a fused MoE tensor ``[experts, out, in]`` is
+    quantized expert by expert, row by row, exactly as each expert's Linear would be."""
+    *lead, in_features = w.shape
     g = in_features if group_size is None else group_size
     if in_features % g != 0:
         raise ValueError(f"group_size {g} does not divide in_features {in_features}")
-    return w.reshape(out_features, in_features // g, g)
+    return w.reshape(*lead, in_features // g, g)
 
 
 def check_finite(w: Tensor, name: str = "weight") -> None:

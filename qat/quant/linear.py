@@ -137,13 +137,18 @@ class QATLinear(nn.Linear):
         return w.to(self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.quant_enabled and not self.fixed:  # quant.start_step: a plain Linear until then
-            return F.linear(x, self.weight, self.bias)
-        if self.scheme.act_bits is not None:
+        if self.scheme.act_bits is not None and (self.quant_enabled or self.fixed):
             x = fake_quantize_activation(x, self.scheme.act_bits)
+        return F.linear(x, self.forward_weight(x.device.type), self.bias)
+
+    def forward_weight(self, device_type: str) -> Tensor:
+        """The weight the forward computes with: the latent one before ``quant.start_step``, else
+        its fake-quant (the fused kernels where ``quant.kernel`` picks them)."""
+        if not self.quant_enabled and not self.fixed:  # quant.start_step: a plain Linear until then
+            return self.weight
         if fused.use_fused(self.weight.device, self.kernel) and type(self).fake_quantized_weight is QATLinear.fake_quantized_weight:
-            return F.linear(x, self.fused_fake_quantized_weight(x.device.type), self.bias)
-        return F.linear(x, self.fake_quantized_weight(), self.bias)
+            return self.fused_fake_quantized_weight(device_type)
+        return self.fake_quantized_weight()
 
     def fused_fake_quantized_weight(self, device_type: str, compiled: bool = True) -> Tensor:
         """``fake_quantized_weight()`` as F.linear will consume it (autocast dtype under mixed
@@ -221,14 +226,19 @@ class QATLinear(nn.Linear):
         self.frozen = True
 
     def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, {self.quant_repr()}"
+
+    def quant_repr(self) -> str:
         s = self.scheme
         group = "channel" if s.group_size is None else f"g{s.group_size}"
         mode = "frozen" if self.frozen else "fixed" if self.fixed else "learnable" if s.learnable else "dynamic"
         sym = "seq" if s.seq else "sym" if s.symmetric else "asym"
         act = f", a{s.act_bits}" if s.act_bits else ""
-        return f"{super().extra_repr()}, w{s.bits} {group} {sym} {mode}{act}"
+        return f"w{s.bits} {group} {sym} {mode}{act}"
 
 
-def group_count(layer: nn.Linear) -> tuple[int, int]:
+def group_count(layer: QATLinear) -> tuple[int, ...]:
+    """The shape of the layer's qparams: ``[out, n_groups]`` (``[experts, out, n_groups]`` for a
+    fused expert tensor)."""
     g = layer.scheme.group_size or layer.in_features
-    return (layer.out_features, layer.in_features // g)
+    return (*layer.weight.shape[:-1], layer.in_features // g)
