@@ -8,7 +8,7 @@ from ..deps import MissingDependency
 
 
 def run(args) -> int:
-    from ..export import ExportError, export
+    from ..export import ExportError, VerifyError, export
     from ..io.rundir import DiskError
 
     try:
@@ -17,6 +17,9 @@ def run(args) -> int:
     except (ExportError, MissingDependency) as e:
         print(f"qat export: error: {e}", file=sys.stderr)
         return 2
+    except VerifyError as e:
+        print(f"qat export: verify failed: {e}", file=sys.stderr)
+        return 1
     except DiskError as e:
         print(f"qat export: {e}", file=sys.stderr)
         return 1

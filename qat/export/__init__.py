@@ -44,6 +44,7 @@ from pathlib import Path
 from ..deps import require
 from ..io.final import ADAPTER_DIR, has_adapter
 from ..io.rundir import DiskError, RunLock, forbidden, fsync_dir, fsync_tree, resolved, stale_temp_dirs, write_failure, write_json_atomic
+from .experts import checkpoint_rows
 from .formats import FORMATS, WRITERS, _tokenizer_files
 from .merge import merge_lora, sample_ids
 from .packing import check_compressed_tensors, check_gptq_schemes, seq_as_int, seq_codes_as_int
@@ -102,6 +103,7 @@ def export(
     t0 = time.perf_counter()
     src = load_source(run or final)
     src.any_bits = any_bits
+    src.expert_rows = {n: checkpoint_rows(src.model, n, tuple(qw.codes.shape)) for n, qw in src.qweights.items() if qw.codes.ndim == 3}
     merge_info = None
     if merge:
         ids, what = sample_ids(src)
@@ -121,9 +123,17 @@ def export(
         log(f"verify: {v['what']}: max abs difference {v['max_abs_diff']:.3g} ({'identical' if v['identical'] else 'DIFFERENT'})")
         if "loader" in v:
             log(f"verify: {v['loader']}")
+        if v.get("load_problems"):
+            log(f"verify: transformers' load report: {v['load_problems']}")
     if run is not None:
         record_eval(run, fmt, info)
+    if verify and not merge and not v["identical"]:
+        raise VerifyError(f"the export in {out} does not reproduce final/ (see above); it was written, but do not ship it")
     return info
+
+
+class VerifyError(RuntimeError):
+    """``--verify`` found an export that does not reproduce ``final/`` (the CLI: exit code 1)."""
 
 
 def check_export(run_dir, fmt: str, out, merge: bool, overwrite: bool, verify: bool, any_bits: bool) -> tuple[Path | None, Path, dict, Path]:
@@ -194,8 +204,8 @@ def write_export(src, fmt: str, out: Path, final: Path, layers: dict, merge_info
             "adapter_bytes": dir_bytes(tmp / ADAPTER_DIR) if (tmp / ADAPTER_DIR).is_dir() else 0,
             "bf16_weights_bytes": bf16_bytes(final),
             "bf16_basis": "2 bytes x parameters stored in final/ (tensor data, no headers)",
-            "quantized_layers_bytes": layer_bytes(tmp, layers),
-            "quantized_layers_bf16_bytes": bf16_layer_bytes(final, layers),
+            "quantized_layers_bytes": layer_bytes(tmp, src.stored_names(layers)),
+            "quantized_layers_bf16_bytes": bf16_layer_bytes(final, src.stored_names(layers)),
             **notes,
         }
         if merge_info:

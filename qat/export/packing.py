@@ -117,6 +117,7 @@ def check_compressed_tensors(layers: dict[str, dict], any_bits: bool = False) ->
 def check_gptq_schemes(layers: dict[str, dict]) -> tuple[int, int | None]:
     """GPTQ v1: int4/int8, symmetric, one (bits, group_size) for every layer."""
     check_servable(layers, "gptq")
+    check_no_experts(layers)
     asym = [n for n, i in layers.items() if not i["symmetric"]]
     if asym:
         raise ExportError(
@@ -131,6 +132,16 @@ def check_gptq_schemes(layers: dict[str, dict]) -> tuple[int, int | None]:
         )
     bits, g = next(iter(keys))[:2]
     return bits, g
+
+
+def check_no_experts(layers) -> None:
+    """GPTQ v1 checkpoints hold Linear layers; fused MoE experts go to compressed-tensors."""
+    experts = [n for n in layers if (layers[n] or {}).get("experts")] if isinstance(layers, dict) else list(layers)
+    if experts:
+        raise ExportError(
+            f"gptq: {len(experts)} quantized tensors are fused MoE experts (e.g. {experts[0]}); qat writes them as "
+            "per-expert compressed-tensors modules: use --format compressed-tensors (vLLM's MoE kernels read it)"
+        )
 
 
 def check_gptq_layers(layers: dict[str, dict], model: nn.Module) -> None:

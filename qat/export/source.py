@@ -37,6 +37,12 @@ class ExportSource:
     adapter_dir: Path | None = None
     notes: dict = field(default_factory=dict)
     any_bits: bool = False  # pack int2/int3 too (compressed-tensors; not servable by vLLM)
+    # fused expert tensor -> {per-expert module of the checkpoint layout: its rows} (export/experts.py)
+    expert_rows: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    def stored_names(self, names) -> list[str]:
+        """The module names the checkpoint stores ``names`` under (per-expert ones for a fused tensor)."""
+        return [m for n in names for m in (self.expert_rows[n] if n in self.expert_rows else [n])]
 
 
 def resolve_run(run_dir: str | os.PathLike) -> tuple[Path | None, Path]:
@@ -104,6 +110,19 @@ def recover_codes(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme, d
     return codes
 
 
+def layer_weight(model: nn.Module, name: str) -> Tensor:
+    """The weight of a quantized layer: a Linear's ``.weight``, or a fused expert tensor
+    ``[experts, out, in]`` (``name`` is then the parameter's own name)."""
+    if is_expert_tensor(model, name):
+        return model.get_parameter(name)
+    return model.get_submodule(name).weight
+
+
+def is_expert_tensor(model: nn.Module, name: str) -> bool:
+    parent, _, attr = name.rpartition(".")
+    return attr in model.get_submodule(parent)._parameters
+
+
 def _final_dtype(final_dir: Path, qparams: dict[str, Tensor]) -> torch.dtype:
     if qparams:
         return next(iter(qparams.values())).dtype  # scales are stored in final/'s dtype
@@ -127,11 +146,11 @@ def load_source(run_dir: str | os.PathLike) -> ExportSource:
     for name, info in layers.items():
         try:
             scale, zero = qparams[f"{name}.weight_scale"], qparams[f"{name}.weight_zero_point"]
-            module = model.get_submodule(name)
+            weight = layer_weight(model, name)
         except (KeyError, AttributeError):
             raise ExportError(f"{final}: layer {name} of {QUANT_FILE} is missing from the model or {QPARAMS_FILE}") from None
         scheme = _scheme(info)
-        codes = recover_codes(module.weight, scale, zero, scheme, dtype, name)
+        codes = recover_codes(weight, scale, zero, scheme, dtype, name)
         qweights[name] = QuantizedWeight(codes, scale, zero, scheme)
     adapter = final / ADAPTER_DIR if has_adapter(final) else None
     return ExportSource(run, final, model, dtype, layers, qweights, adapter)

@@ -51,9 +51,25 @@ def verify_export(out: Path, fmt: str, final: Path, merged: bool = False) -> dic
             res["loader"] = f"transformers + optimum + gptqmodel: logits vs final/ on 2 x 64 tokens, max abs difference {d:.3g}"
             res["loader_max_abs_diff"] = d
         return res
-    model = AutoModelForCausalLM.from_pretrained(out).eval()
-    d = (_logits(model, ids) - _logits(ref, ids)).abs().max().item()
-    return {"what": "logits of the export (transformers) vs final/ on 2 x 64 tokens", "max_abs_diff": d, "identical": d == 0.0}
+    model, report = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    d = (_logits(model.eval(), ids) - _logits(ref, ids)).abs().max().item()
+    res = {"what": "logits of the export (transformers) vs final/ on 2 x 64 tokens", "max_abs_diff": d, "identical": d == 0.0}
+    problems = load_problems(report)
+    if problems:  # a tensor transformers could not load or convert was initialised at random: never an exact export
+        res.update(identical=False, load_problems=problems)
+    return res
+
+
+def load_problems(report: dict) -> str:
+    """The entries of transformers' load report that mean a tensor did not load as written
+    (missing, unexpected, mismatched: a failed conversion leaves its target missing), as one line."""
+    parts = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in report.get(kind) or ())
+        if keys:
+            parts.append(f"{kind.replace('_keys', '')}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}")
+    parts += [str(m) for m in report.get("error_msgs") or ()]
+    return "; ".join(parts)
 
 
 def gptq_dequantize(state: dict[str, Tensor]) -> dict[str, Tensor]:
