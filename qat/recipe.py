@@ -480,6 +480,9 @@ class PTQSection(_Section):
         "auto", description="keep the model on the CPU and move one block at a time to the device (auto: when it does not fit)"
     )
     diag_tokens: int = Field(32768, gt=0, description="held-out validation tokens for the per-layer output error")
+    expert_min_tokens: int = Field(
+        16, ge=0, description="MoE: an expert routed fewer calibration tokens than this is quantized with RTN instead (counted in the report)"
+    )
     gptq: GPTQOptions = GPTQOptions()
     awq: AWQOptions = AWQOptions()
     qera: QERAOptions = QERAOptions()

@@ -62,7 +62,7 @@ def test_wraps_exactly_the_seven_block_linears(tiny_llama):
         layer = tiny_llama.get_submodule(name)
         assert isinstance(layer, QATLinear) and layer.scheme == W4 and not layer.frozen
     summary = report.summary()
-    assert "quantized 14 Linear layers, left 1 in full precision" in summary
+    assert "quantized 100.0% of block weights (14 Linear), left 1 in full precision" in summary
     assert "14 x W4 group 32 sym init=minmax" in summary and "lm_head" in summary
 
 

@@ -17,6 +17,7 @@ the teacher); ``qat compare`` prints both side by side.
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -38,8 +39,9 @@ def layer_output_errors(
     ``.input_ids`` / ``.attention_mask``), ``X`` = the reference layer's inputs (real tokens)."""
     device = next(reference.parameters()).device
     modules = dict(reference.named_modules())
-    names = sorted({n for v in variants.values() for n in v}, key=list(modules).index)
-    num = {v: {n: 0.0 for n in ws} for v, ws in variants.items()}
+    # Linear layers: a fused expert tensor has no module of its own to hook (its error is left out)
+    names = sorted({n for v in variants.values() for n in v if n in modules}, key=list(modules).index)
+    num = {v: {n: 0.0 for n in ws if n in modules} for v, ws in variants.items()}
     den = {n: 0.0 for n in names}
     mask_now: list[Tensor | None] = [None]
     handles = []
@@ -103,7 +105,8 @@ def bits_per_weight(final_dir: str | Path, scale_bits: int = 16) -> float | None
                     lora_entries[m.group(1)] = lora_entries.get(m.group(1), 0) + shape[0] * shape[1]
     total_bits, total_weights = 0.0, 0
     for n, info in layers.items():
-        out_f, in_f = shapes[n]
+        *lead, in_f = info.get("shape") or shapes[n]  # a fused expert tensor: [experts, out, in]
+        out_f = math.prod(lead)
         groups = out_f * (in_f // (info["group_size"] or in_f))
         total_bits += info["bits"] * out_f * in_f + groups * (scale_bits + (0 if info["symmetric"] or info.get("grid") == "seq" else info["bits"]))
         total_bits += scale_bits * lora_entries.get(n, 0)

@@ -44,7 +44,7 @@ from pathlib import Path
 from ..deps import require
 from ..io.final import ADAPTER_DIR, has_adapter
 from ..io.rundir import DiskError, RunLock, forbidden, fsync_dir, fsync_tree, resolved, stale_temp_dirs, write_failure, write_json_atomic
-from .experts import checkpoint_rows
+from ..io.layout import LayoutError, checkpoint_rows
 from .formats import FORMATS, WRITERS, _tokenizer_files
 from .merge import merge_lora, sample_ids
 from .packing import check_compressed_tensors, check_gptq_schemes, seq_as_int, seq_codes_as_int
@@ -103,7 +103,10 @@ def export(
     t0 = time.perf_counter()
     src = load_source(run or final)
     src.any_bits = any_bits
-    src.expert_rows = {n: checkpoint_rows(src.model, n, tuple(qw.codes.shape)) for n, qw in src.qweights.items() if qw.codes.ndim == 3}
+    try:
+        src.expert_rows = {n: checkpoint_rows(src.model, n, tuple(qw.codes.shape)) for n, qw in src.qweights.items() if qw.codes.ndim == 3}
+    except LayoutError as e:
+        raise ExportError(str(e)) from None
     merge_info = None
     if merge:
         ids, what = sample_ids(src)

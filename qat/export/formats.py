@@ -12,10 +12,10 @@ import torch
 from torch import Tensor, nn
 
 from ..io.final import write_quant_files
+from ..io.layout import drop_fused, rows_of
 from ..quant.apply import DEFAULT_TARGETS
 from ..quant.grid import dequantize
 from ..quant.linear import QuantizedWeight
-from .experts import drop_fused, rows_of
 from .packing import check_compressed_tensors, check_no_experts, check_gptq_layers, check_gptq_schemes, pack_rows, unsigned_codes, zero_points
 from .source import _MODEL_FILES, ExportError, ExportSource, _scheme_key
 

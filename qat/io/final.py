@@ -26,6 +26,7 @@ and renamed into place only when complete, so a failed or killed write never lea
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -205,14 +206,29 @@ def effective_weights(final_dir: str | Path, names: list[str] | None = None) -> 
     from safetensors import safe_open
 
     final_dir = Path(final_dir)
-    wanted = list(names if names is not None else load_quant_layers(final_dir))
+    layers = load_quant_layers(final_dir)
+    wanted = list(names if names is not None else layers)
     keys = {f"{n}.weight": n for n in wanted}
+    experts = {n: layers[n]["shape"] for n in wanted if n in layers and layers[n].get("shape")}
+    parts: dict[str, tuple[str, Tensor]] = {}  # per-expert checkpoint key -> (fused tensor, its rows)
+    if experts:
+        from .layout import checkpoint_rows, meta_model
+
+        model = meta_model(final_dir)
+        for n, shape in experts.items():
+            parts.update({f"{k}.weight": (n, rows) for k, rows in checkpoint_rows(model, n, tuple(shape)).items()})
+            keys.pop(f"{n}.weight", None)
+    fused = {n: torch.zeros(math.prod(shape[:-1]), shape[-1]) for n, shape in experts.items()}
     out: dict[str, Tensor] = {}
     for f in _safetensor_files(final_dir):
         with safe_open(str(f), "pt") as st:
             for k in st.keys():
                 if k in keys:
                     out[keys[k]] = st.get_tensor(k).float()
+                elif k in parts:
+                    n, rows = parts.pop(k)
+                    fused[n][rows] = st.get_tensor(k).float()
+    out.update({n: t.reshape(experts[n]) for n, t in fused.items() if not any(p[0] == n for p in parts.values())})
     missing = [n for n in wanted if n not in out]
     if missing:
         raise KeyError(f"{final_dir}: no weights for {missing[:3]}")

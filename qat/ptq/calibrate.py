@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..quant.experts import wrap_expert_tensor
 from ..quant.linear import QATLinear
 from ..quant.scheme import QuantConfigError, QuantScheme
 
@@ -260,12 +261,15 @@ class BlockRunner:
         out = self.block(inp.hidden.to(self.device), *to_device(inp.args, self.device), **to_device(inp.kwargs, self.device))
         return first_output(out)
 
-    def rows(self, x: Tensor) -> Tensor:
-        """The rows of a layer input that belong to real tokens."""
+    def rows(self, x: Tensor, layer: nn.Module | None = None) -> Tensor:
+        """The rows of a layer input that belong to real tokens (an expert's input holds the
+        rows ``layer.tokens`` of the block's tokens: those routed to it)."""
         x = x.reshape(-1, x.shape[-1])
         if self._mask is None:
             return x
-        return x[self._mask.reshape(-1).bool()]
+        mask = self._mask.reshape(-1).bool()
+        tokens = getattr(layer, "tokens", None)
+        return x[mask if tokens is None else mask[tokens]]
 
     @torch.no_grad()
     def run(self, batches: Iterable[int] | None = None, stop_after: str | None = None) -> None:
@@ -339,7 +343,7 @@ class BlockRunner:
                 stats[n] = s
 
             def add(_m, args, s=s):
-                s.add(self.rows(args[0]))
+                s.add(self.rows(args[0], _m))
             handles.append(self.module(group[0]).register_forward_pre_hook(add))
         last = groups[-1][-1] if stop_early and groups else None
         try:
@@ -366,7 +370,10 @@ def install_quantized(
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     layer = getattr(parent, attr)
-    if not isinstance(layer, QATLinear):
+    if isinstance(layer, nn.Parameter):  # a fused expert tensor [experts, out, in]
+        layer = wrap_expert_tensor(parent, attr, QuantScheme(scheme.bits, scheme.group_size, scheme.symmetric, "minmax", grid=scheme.grid), name)
+        layer.scheme = scheme
+    elif not isinstance(layer, QATLinear):
         layer = QATLinear.from_linear(layer, QuantScheme(scheme.bits, scheme.group_size, scheme.symmetric, "minmax", grid=scheme.grid), name)
         layer.scheme = scheme
         setattr(parent, attr, layer)
@@ -385,6 +392,14 @@ def attach_lowrank(layer: nn.Module, a: Tensor, b: Tensor):
     return layer.register_forward_hook(hook)
 
 
+def planned_weight(model: nn.Module, name: str) -> Tensor:
+    """The weight of a planned layer: a Linear's, or a fused expert tensor ``[experts, out, in]``."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    p = parent._parameters.get(attr)
+    return p if p is not None else getattr(parent, attr).weight
+
+
 def quantize_layerwise(
     model: nn.Module,
     plan: dict[str, QuantScheme],
@@ -394,30 +409,90 @@ def quantize_layerwise(
     device,
     store_device,
     desc: str = "ptq",
+    expert_min_tokens: int = 16,
+    expert_tokens: dict[str, list[int]] | None = None,
 ) -> list[str]:
     """Drive ``block_fn(runner, layer_names)`` over the decoder blocks in order (see module doc).
+    Fused expert tensors in ``plan`` are calibrated expert by expert (``qat/ptq/experts.py``):
+    ``block_fn`` gets their per-expert Linear names (``plan`` holds those too, see
+    ``per_expert_plan``); an expert routed fewer than ``expert_min_tokens`` calibration tokens
+    is quantized with RTN instead; the tokens each expert saw go into ``expert_tokens``.
     Returns the planned layers that are outside the block stack (the caller quantizes those
     data-free)."""
     from tqdm.auto import tqdm
+
+    from .experts import experts_as_linears, fused_names
 
     prefix, blocks = find_blocks(model)
     per_block: dict[int, list[str]] = {}
     outside = []
     pat = re.compile(re.escape(prefix) + r"\.(\d+)\.")
+    fused = set(fused_names(model, {n.rpartition(".")[0] for n in plan}))  # plan names their experts: "<fused>.<e>"
     for n in plan:
         m = pat.match(n)
-        if m:
+        parent = n.rpartition(".")[0]
+        if parent in fused:  # an expert: calibrated through its experts module's view
+            if m and parent not in per_block.setdefault(int(m.group(1)), []):
+                per_block[int(m.group(1))].append(parent)
+        elif m:
             per_block.setdefault(int(m.group(1)), []).append(n)
         else:
             outside.append(n)
     inputs = capture_inputs(model, calib, batch_size, device, store_device)
     for i, block in enumerate(tqdm(blocks, desc=f"{desc} blocks", dynamic_ncols=True)):
         names = per_block.get(i, [])
+        block_fused = [n for n in names if n in fused]
         with on_device(block, device):
             runner = BlockRunner(model, block, f"{prefix}.{i}", inputs, device, store_device)
-            if names:
-                block_fn(runner, names)
+            with experts_as_linears(model, block_fused, plan) as views:
+                names = [n for n in names if n not in fused]
+                if views:
+                    names = _route_experts(runner, views, names, plan, expert_min_tokens, expert_tokens)
+                if names:
+                    block_fn(runner, names)
             if i < len(blocks) - 1:
                 inputs = runner.outputs()
         del runner
     return outside
+
+
+@torch.no_grad()
+def _route_experts(runner: BlockRunner, views: dict, names: list[str], plan, min_tokens: int, tokens: dict | None) -> list[str]:
+    """One pass of the block with its experts as Linear views: check the views compute what the
+    experts module does, count the (real) tokens routed to each expert, quantize the experts
+    under ``min_tokens`` with RTN. Returns the names left for the method."""
+    from .experts import check_view
+    from .rtn import rtn_qparams
+
+    seen: dict[str, tuple] = {}
+    real = {mod: torch.zeros(v.num_experts, dtype=torch.long) for mod, v in views.items()}
+    hooks = []
+    for mod, view in views.items():
+        def first(_m, args, mod=mod):
+            seen.setdefault(mod, tuple(a.detach() for a in args))
+            idx = args[1] if runner._mask is None else args[1][runner._mask.reshape(-1).bool()]
+            real[mod] += torch.bincount(idx.reshape(-1).cpu(), minlength=views[mod].num_experts)[: views[mod].num_experts]
+        hooks.append(view.register_forward_pre_hook(first))
+    try:
+        runner.run()
+    finally:
+        for h in hooks:
+            h.remove()
+    for mod, view in views.items():
+        if mod in seen:
+            d = check_view(view, *seen[mod])
+            scale = max(1.0, seen[mod][0].abs().max().item())
+            if d > 1e-4 * scale:
+                raise RuntimeError(f"{mod}: the per-expert view computes other outputs than the experts module (max abs difference {d:.3g})")
+        for pname in view.fused:
+            fused = f"{mod}.{pname}"
+            counts = real[mod].tolist()
+            if tokens is not None:
+                tokens[fused] = counts
+            for e, c in enumerate(counts):
+                if c < min_tokens:
+                    n = f"{fused}.{e}"
+                    scale, zero = rtn_qparams(runner.module(n).weight.detach().float(), plan[n])
+                    install_quantized(runner.model, n, plan[n], scale, zero)
+            names += [f"{fused}.{e}" for e, c in enumerate(counts) if c >= min_tokens]
+    return names

@@ -33,6 +33,7 @@ from torch import Tensor
 from ..quant.grid import fake_quantize
 from ..quant.scheme import QuantScheme
 from .calibrate import BlockRunner, InputStats, install_quantized
+from .experts import sequential_passes
 from .rtn import rtn_qparams
 
 
@@ -143,12 +144,12 @@ def gptq_block(runner: BlockRunner, names: list[str], plan: dict[str, QuantSchem
     from tqdm.auto import tqdm
 
     groups = runner.linear_groups(names)
-    passes = groups if opts.true_sequential else [groups]
+    passes = sequential_passes(groups) if opts.true_sequential else [groups]
     info = {}
-    for p in passes:
-        p_groups = [p] if opts.true_sequential else p
+    for p_groups in passes:
         stats = runner.collect(
-            p_groups, lambda n: InputStats(runner.module(n).in_features, runner.device, xtx=torch.float32)
+            p_groups, lambda n: InputStats(runner.module(n).in_features, runner.device, xtx=torch.float32),
+            stop_early=len(p_groups) == 1,
         )
         for name in tqdm([n for grp in p_groups for n in grp], desc=f"gptq {runner.name}", leave=False, dynamic_ncols=True):
             layer = runner.module(name)

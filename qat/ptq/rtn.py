@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ..quant.grid import fake_quantize, minmax_qparams, mse_clip_ratio
 from ..quant.scheme import QuantScheme
-from .calibrate import install_quantized
+from .calibrate import install_quantized, planned_weight
 
 
 @torch.no_grad()
@@ -39,8 +39,7 @@ def quantize_rtn(model: nn.Module, plan: dict[str, QuantScheme], clip: str = "mi
     from tqdm.auto import tqdm
 
     for name in tqdm(list(names if names is not None else plan), desc=f"rtn ({clip})", leave=False, dynamic_ncols=True):
-        layer = model.get_submodule(name)
-        w = layer.weight.detach()
+        w = planned_weight(model, name).detach()
         if device is not None:
             w = w.to(device)
         scale, zero = rtn_qparams(w, plan[name], clip)

@@ -46,6 +46,7 @@ from ..recipe import PTQ_METHODS, Recipe, RecipeError
 from .awq import awq_block
 from .block_ap import block_ap_block
 from .calibrate import module_bytes, quantize_layerwise
+from .experts import fused_names, per_expert_plan
 from .gptq import gptq_block
 from .nf4 import BLOCKSIZE, annotate_final, quantize_nf4
 from .qera import qera_block
@@ -99,6 +100,13 @@ def quantize_ptq(
     into layers ``{layer: {"input_scale"|"output_scale": s}}`` (AWQ)."""
 
     model.eval()
+    fused = fused_names(model, plan)
+    if fused and method in ("nf4", "qera-exact", "qera-approx"):
+        raise RecipeError(
+            f"ptq method {method}: this model's fused MoE experts ({len(fused)} tensors, e.g. {fused[0]}) have no "
+            f"{'bitsandbytes layer' if method == 'nf4' else 'PEFT adapter layout for low-rank terms'}; use rtn, gptq, awq or "
+            "block-ap, or add the experts to quant.ignore"
+        )
     if method == "nf4":  # bitsandbytes NF4, not on the integer grid (ptq/nf4.py)
 
         return {}, {"nf4_layers": quantize_nf4(model, plan, device), "blocksize": BLOCKSIZE}, {}
@@ -107,6 +115,8 @@ def quantize_ptq(
         quantize_rtn(model, plan, clip=clip, device=device)
         return {}, {"clip": clip}, {}
     lora, info, folds = {}, {}, {}
+    expert_tokens: dict[str, list[int]] = {}
+    plan = per_expert_plan(model, plan)
     if method == "gptq":
 
         def fn(runner, names):
@@ -127,11 +137,25 @@ def quantize_ptq(
     else:
         raise RecipeError(f"ptq method: expected one of {METHODS}, got {method!r}")
     with torch.no_grad():
-        outside = quantize_layerwise(model, plan, calib, fn, opts.batch_size, device, store_device, desc=method)
+        outside = quantize_layerwise(model, plan, calib, fn, opts.batch_size, device, store_device, desc=method,
+                                     expert_min_tokens=opts.expert_min_tokens, expert_tokens=expert_tokens)
+    if expert_tokens:
+        info["expert_tokens"] = expert_tokens
+        print(expert_token_summary(method, expert_tokens, opts.expert_min_tokens))
     if outside:
         print(f"{method}: {len(outside)} planned layers are outside the decoder blocks; quantized with RTN: {outside[:4]}")
         quantize_rtn(model, plan, names=outside)
     return lora, info, folds
+
+
+def expert_token_summary(method: str, expert_tokens: dict[str, list[int]], min_tokens: int) -> str:
+    """One line: how many calibration tokens the experts saw, and how many fell back to RTN."""
+    per_module = {n.rpartition(".")[0]: c for n, c in expert_tokens.items()}  # gate_up and down see the same tokens
+    counts = sorted(c for cs in per_module.values() for c in cs)
+    few = sum(c < min_tokens for c in counts)
+    return (f"{method}: {len(counts)} experts calibrated on the tokens routed to them: min {counts[0]}, median "
+            f"{counts[len(counts) // 2]}, max {counts[-1]} tokens; {few} under ptq.expert_min_tokens={min_tokens} "
+            f"quantized with RTN instead")
 
 
 def save_adapter(model: nn.Module, lora: dict, path: Path):

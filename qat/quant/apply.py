@@ -225,7 +225,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, param_d
             "grid": s.grid,
             "frozen": layer.frozen,
             "act_bits": s.act_bits,
-            **({"experts": layer.num_experts} if isinstance(layer, QATExpertWeight) else {}),
+            **({"experts": layer.num_experts, "shape": list(layer.weight.shape)} if isinstance(layer, QATExpertWeight) else {}),
             "_qweight": qw,
         }
     return layers

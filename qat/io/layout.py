@@ -11,11 +11,16 @@ indices, so every family transformers knows is mapped by transformers itself.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
 from ..quant.linear import QuantizedWeight
-from .source import ExportError
+
+
+class LayoutError(ValueError):
+    """A fused expert tensor whose checkpoint layout qat cannot map to rows of one expert."""
 
 
 @torch.no_grad()
@@ -31,12 +36,12 @@ def checkpoint_rows(model: nn.Module, name: str, shape: tuple[int, int, int]) ->
         t = t[0] if isinstance(t, list) else t
         rows = (t[:, 0] // n_in).long() if t.ndim == 2 and t.shape[1] == n_in else None
         if rows is None or not key.endswith(".weight") or not torch.equal(t, (rows[:, None] * n_in + torch.arange(n_in)).double()):
-            raise ExportError(f"{name}: transformers writes it as {key} {tuple(t.shape)}, not as [out, in] rows of one expert; "
+            raise LayoutError(f"{name}: transformers writes it as {key} {tuple(t.shape)}, not as [out, in] rows of one expert; "
                               "qat cannot pack that layout")
         out[key.removesuffix(".weight")] = rows
     covered = torch.cat(list(out.values())).sort().values if out else torch.empty(0)
     if not torch.equal(covered, torch.arange(n_exp * n_out)):
-        raise ExportError(f"{name}: the checkpoint keys transformers writes for it ({', '.join(list(out)[:2])} ...) do not hold "
+        raise LayoutError(f"{name}: the checkpoint keys transformers writes for it ({', '.join(list(out)[:2])} ...) do not hold "
                           "each row once; qat cannot pack it")
     return out
 
@@ -45,6 +50,15 @@ def rows_of(qw: QuantizedWeight, rows: Tensor) -> QuantizedWeight:
     """The codes and qparams of ``rows`` of a fused ``[experts, out, in]`` weight, as one matrix."""
     codes, scale, zero = (t.reshape(-1, t.shape[-1])[rows] for t in (qw.codes, qw.scale, qw.zero_point))
     return QuantizedWeight(codes, scale, zero, qw.scheme)
+
+
+def meta_model(final_dir: Path) -> nn.Module:
+    """The model of ``final_dir``'s config on the meta device (no memory): what
+    ``checkpoint_rows`` needs to find the model's conversion mapping."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final_dir))
 
 
 def drop_fused(model: nn.Module, name: str) -> None:
