@@ -159,8 +159,10 @@ def _count_block_weights(model: nn.Module, report: QuantReport) -> None:
     blocks; those of no Linear or expert tensor (a router, say) join ``skipped``."""
     quantized = {f"{n}.weight" for n in report.layers}
     listed = {f"{n}.weight" for n in report.skipped} | set(report.skipped)
-    for pname, p in model.named_parameters():
-        if p.ndim < 2 or pname.endswith("bias") or not _in_blocks(pname):
+    params = [(f"{m}.{n}" if m else n, p, isinstance(mod, QATLinear) and n != "weight")
+              for m, mod in model.named_modules() for n, p in mod.named_parameters(recurse=False)]
+    for pname, p, qparam in params:
+        if qparam or p.ndim < 2 or pname.endswith("bias") or not _in_blocks(pname):
             continue
         report.block_params += p.numel()
         if pname in quantized:

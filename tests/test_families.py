@@ -1,0 +1,105 @@
+"""Every common decoder family through train, PTQ, export and reload.
+
+Each family is a random-weight model built from its transformers config (2 blocks, hidden 64,
+4 experts of which 2 per token for MoE models), saved with a 300-id tokenizer, then run through
+what a user runs: `qat train` with the W4 and the W2 defaults (2 steps each), `qat export
+--format compressed-tensors --verify` of both (the W2 run's SEQ grid exports as int4), a reload of
+`final/` with transformers' load report checked, and `qat ptq --method gptq`. No fixtures and no
+downloads: this runs in both CI runs. A new family is one line of FAMILIES.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from test_recipes import REPO, SEP, smoke_overrides
+
+from qat.cli import main
+
+BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, vocab_size=300, max_position_embeddings=128, tie_word_embeddings=False,
+            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+MOE = dict(num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+FAMILIES = {  # model_type -> config keys on top of BASE
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma2": {},
+    "gemma3_text": {},
+    "olmo2": {},
+    "granite": {},
+    "smollm3": {},
+    "phi3": {},
+    "gpt_neox": {},
+    "falcon": {"head_dim": None, "new_decoder_architecture": True, "num_kv_heads": 2},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    "mixtral": MOE,
+    "qwen2_moe": {**MOE, "shared_expert_intermediate_size": 64},
+    "qwen3_moe": MOE,
+    "deepseek_v3": {**MOE, "head_dim": None, "num_key_value_heads": 4, "q_lora_rank": 32, "kv_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+                    "v_head_dim": 16, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1, "n_shared_experts": 1},
+}
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+RECIPE = "recipes/tiny/w4-ovfreeze.yaml"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    from qat.data.corpus import train_tokenizer
+
+    root = tmp_path_factory.mktemp("families")
+    text = SEP.join((REPO / f).read_text() for f in ("README.md", "qat/recipe.py", "qat/train/loop.py", "qat/io/rundir.py"))
+    (root / "text.txt").write_text(text)
+    return {"root": root, "text": root / "text.txt", "tokenizer": train_tokenizer([text], 300)}
+
+
+def build(family: str, corpus: dict):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    keys = {k: v for k, v in {**BASE, **FAMILIES[family]}.items() if v is not None}
+    torch.manual_seed(0)
+    d = corpus["root"] / family
+    AutoModelForCausalLM.from_config(AutoConfig.for_model(family, **keys)).save_pretrained(d)
+    corpus["tokenizer"].save_pretrained(d)
+    return d
+
+
+def overrides(corpus: dict, model_dir, out, bits: int) -> list[str]:
+    o = [x for x in smoke_overrides(RECIPE, {"text": corpus["text"], "models": {"llama": model_dir}}, out) if not x.startswith("model.path=")]
+    return [*o, f"model.path={model_dir}", f"quant={{bits: {bits}, group_size: 16}}", "freeze.policy=null"]
+
+
+def reload_report(final) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    _, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
+    return {k: sorted(map(str, v)) for k, v in info.items() if v}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_family_trains_quantizes_exports_and_reloads(family, corpus, tmp_path, capsys):
+    model_dir = build(family, corpus)
+    for bits in (4, 2):
+        run = tmp_path / f"w{bits}"
+        assert main(["train", str(REPO / RECIPE), *overrides(corpus, model_dir, run, bits)]) == 0, f"train W{bits}"
+        out = capsys.readouterr().out
+        share = float(out.split("quantized ")[1].split("%")[0])
+        assert share > 95.0, out  # the experts are quantized, not silently left out
+        assert "WARNING" not in out
+        layers = json.loads((run / "final" / "qat_quant.json").read_text())["layers"]
+        if family in MOE_FAMILIES:
+            assert any(i.get("experts") == 4 for i in layers.values()), layers.keys()
+        assert reload_report(run / "final") == {}, f"final/ of W{bits} reloads with a clean load report"
+        assert main(["export", str(run), "--format", "compressed-tensors", "--verify"]) == 0, f"export W{bits}"
+        assert "max abs difference 0 (identical)" in capsys.readouterr().out
+    ptq = tmp_path / "gptq"
+    o = [x if not x.startswith("output_dir=") else f"output_dir={ptq}" for x in overrides(corpus, model_dir, ptq, 4)]
+    assert main(["ptq", str(REPO / RECIPE), "--method", "gptq", *o]) == 0
+    out = capsys.readouterr().out
+    if family in MOE_FAMILIES:
+        assert "experts calibrated on the tokens routed to them" in out
+    assert (ptq / "final" / "qat_quant.json").is_file()
