@@ -103,3 +103,26 @@ def test_family_trains_quantizes_exports_and_reloads(family, corpus, tmp_path, c
     if family in MOE_FAMILIES:
         assert "experts calibrated on the tokens routed to them" in out
     assert (ptq / "final" / "qat_quant.json").is_file()
+
+
+def test_ov_freeze_on_a_fused_qkv_projection_says_why_it_cannot(corpus, tmp_path, capsys):
+    model_dir = build("phi3", corpus)
+    o = overrides(corpus, model_dir, tmp_path / "run", 4)
+    assert main(["train", str(REPO / RECIPE), *o, "freeze.policy=ov-freeze"]) == 2
+    err = capsys.readouterr().err
+    assert "fused with q and k into one Linear, model.layers.0.self_attn.qkv_proj" in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_experts_under_the_token_minimum_fall_back_to_rtn_and_say_so(corpus, tmp_path, capsys):
+    model_dir = build("qwen3_moe", corpus)
+    out = tmp_path / "gptq"
+    o = overrides(corpus, model_dir, out, 4)
+    assert main(["ptq", str(REPO / RECIPE), "--method", "gptq", *o, "ptq.expert_min_tokens=100000"]) == 0
+    assert "8 experts calibrated on the tokens routed to them" in capsys.readouterr().out
+    details = json.loads((out / "eval.json").read_text())["details"]
+    tokens = details["expert_tokens"]
+    assert sorted(tokens) == [f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")]
+    assert all(len(c) == 4 and sum(c) > 0 for c in tokens.values())
+    gptq_layers = [n for n in details if n.startswith("model.layers")]
+    assert gptq_layers and not any("experts" in n for n in gptq_layers)  # every expert went to RTN

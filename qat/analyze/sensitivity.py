@@ -29,7 +29,7 @@ import torch
 
 from ..deps import available
 from ..evaluate.diagnostic import layer_output_errors
-from ..quant import QATLinear
+from ..quant.apply import fake_quantized, planned_weight
 from . import RANK_KEYS
 from .setup import layer_depth, layer_type, mean_nll, quantized, squared_grads
 
@@ -53,7 +53,13 @@ def grouped_by_type(names: list[str]) -> dict[str, list[str]]:
 @torch.no_grad()
 def quantized_weights(model, plan, names) -> dict[str, torch.Tensor]:
     """The on-grid weight (fp32) each named layer has when fake-quantized with its plan scheme."""
-    return {n: QATLinear.from_linear(model.get_submodule(n), plan[n], n).on_grid_weight(torch.float32) for n in names}
+    with fake_quantized(model, {n: plan[n] for n in names}) as layers:
+        return {n: layer.on_grid_weight(torch.float32) for n, layer in layers.items()}
+
+
+def _mean(values: list[float]) -> float:
+    vals = [v for v in values if v == v]
+    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _norm(t: torch.Tensor) -> float:
@@ -115,7 +121,7 @@ def analyze(setup, batch_size: int, per_depth: bool = True, rank_by: str = "grad
         _, d_layer = loss_effects(model, plan, {n: [n] for n in names}, setup.valid, batch_size)
     layers = []
     for n in names:
-        w = model.get_submodule(n).weight
+        w = planned_weight(model, n)
         s = plan[n]
         row = {
             "name": n,
@@ -124,7 +130,7 @@ def analyze(setup, batch_size: int, per_depth: bool = True, rank_by: str = "grad
             "n_params": int(w.numel()),
             "bits": s.bits,
             "group_size": s.group_size,
-            "output_error": errors[n],
+            "output_error": errors.get(n, float("nan")),  # nan: a fused expert tensor (no module of its own to hook)
             **grads["layers"][n],
         }
         if per_depth:
@@ -140,7 +146,7 @@ def analyze(setup, batch_size: int, per_depth: bool = True, rank_by: str = "grad
             "delta_nll": d_type[t],
             "delta_nll_per_mparam": d_type[t] / (n_params / 1e6),
             "calib_loss_only": grads["calib_loss"]["only"][t],
-            "output_error_mean": sum(r["output_error"] for r in rows) / len(rows),
+            "output_error_mean": _mean([r["output_error"] for r in rows]),
             "grad_ratio_only_mean": sum(r["grad_ratio_only"] for r in rows) / len(rows),
             "grad_ratio_all_mean": sum(r["grad_ratio_all"] for r in rows) / len(rows),
             "grad_error_only_mean": sum(r["grad_error_only"] for r in rows) / len(rows),

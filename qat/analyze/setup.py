@@ -19,7 +19,7 @@ from ..data.setup import load_plan_and_data
 from ..evaluate.perplexity import perplexity
 from ..io.final import final_dtype
 from ..io.models import load_student
-from ..quant.apply import fake_quantized
+from ..quant.apply import fake_quantized, planned_weight
 from ..quant.scheme import QuantScheme
 from ..recipe import Recipe, RecipeError
 
@@ -97,7 +97,7 @@ def squared_grads(model: nn.Module, names: list[str], blocks, batch_size: int, k
     mean_k L_k, "batches": K}``; ``mean_k g_k`` (the gradient of the calibration loss, fp32, on the
     CPU) only with ``keep_grads``."""
     device = next(model.parameters()).device
-    params = {n: model.get_submodule(n).weight for n in names}
+    params = {n: planned_weight(model, n) for n in names}
     was = {n: p.requires_grad for n, p in model.named_parameters()}
     model.requires_grad_(False)
     for p in params.values():

@@ -104,6 +104,7 @@ def check_servable(layers: dict[str, dict], fmt: str, any_bits: bool = False) ->
 
 def check_compressed_tensors(layers: dict[str, dict], any_bits: bool = False) -> None:
     check_servable(layers, "compressed-tensors", any_bits)
+    check_experts(layers)
     keys = {_scheme_key(i) for i in layers.values()}
     if len(keys) > 1 and any(not k[2] for k in keys):
         raise ExportError(
@@ -132,6 +133,30 @@ def check_gptq_schemes(layers: dict[str, dict]) -> tuple[int, int | None]:
         )
     bits, g = next(iter(keys))[:2]
     return bits, g
+
+
+def check_experts(layers: dict[str, dict]) -> None:
+    """Fused MoE experts: symmetric, and one scheme for all the expert tensors of a block. vLLM's
+    MoE methods take one scheme for gate, up and down (``get_moe_method`` checks it) and its WNA16
+    Marlin MoE kernel asserts symmetric weights; transformers' loader of per-expert
+    compressed-tensors weights reads no zero-points."""
+    experts = {n: i for n, i in layers.items() if i.get("experts")}
+    asym = [n for n, i in experts.items() if not i["symmetric"]]
+    if asym:
+        raise ExportError(
+            f"compressed-tensors: {len(asym)} fused expert tensors are asymmetric (e.g. {asym[0]}); MoE loaders take "
+            f"symmetric experts only (vLLM's WNA16 MoE kernels, transformers' per-expert loader). Train the experts with "
+            f"quant.symmetric: true (a quant.overrides entry for 'experts'), or {_fake_hint('compressed-tensors')}."
+        )
+    by_module: dict[str, set] = {}
+    for n, i in experts.items():
+        by_module.setdefault(n.rpartition(".")[0], set()).add(_scheme_key(i))
+    mixed = [m for m, keys in by_module.items() if len(keys) > 1]
+    if mixed:
+        raise ExportError(
+            f"compressed-tensors: the expert tensors of {mixed[0]} use different schemes; vLLM's MoE layers take one scheme "
+            f"for gate, up and down. Give them one scheme, or {_fake_hint('compressed-tensors')}."
+        )
 
 
 def check_no_experts(layers) -> None:

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from ..io.final import ADAPTER_DIR, QPARAMS_FILE, QUANT_FILE, FinalError, find_final, has_adapter, load_quant_layers, read_qparams
 from ..io.models import DTYPES
+from ..quant.apply import planned_weight
 from ..quant.grid import dequantize, quantize
 from ..quant.linear import QuantizedWeight
 from ..quant.scheme import QuantScheme
@@ -110,14 +111,6 @@ def recover_codes(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme, d
     return codes
 
 
-def layer_weight(model: nn.Module, name: str) -> Tensor:
-    """The weight of a quantized layer: a Linear's ``.weight``, or a fused expert tensor
-    ``[experts, out, in]`` (``name`` is then the parameter's own name)."""
-    if is_expert_tensor(model, name):
-        return model.get_parameter(name)
-    return model.get_submodule(name).weight
-
-
 def is_expert_tensor(model: nn.Module, name: str) -> bool:
     parent, _, attr = name.rpartition(".")
     return attr in model.get_submodule(parent)._parameters
@@ -146,7 +139,7 @@ def load_source(run_dir: str | os.PathLike) -> ExportSource:
     for name, info in layers.items():
         try:
             scale, zero = qparams[f"{name}.weight_scale"], qparams[f"{name}.weight_zero_point"]
-            weight = layer_weight(model, name)
+            weight = planned_weight(model, name)
         except (KeyError, AttributeError):
             raise ExportError(f"{final}: layer {name} of {QUANT_FILE} is missing from the model or {QPARAMS_FILE}") from None
         scheme = _scheme(info)

@@ -30,14 +30,18 @@ def dry_run_quant(recipe: Recipe, config) -> None:
     except (ValueError, TypeError, KeyError) as e:
         raise RecipeError(f"{'model.path' if recipe.model.path else 'model.config'}: cannot build the model: {first_line(e)}") from None
     if resolve_freeze_default(recipe, model):
-        print("freeze.policy: null would be ov-freeze at this bit width, but the model has no o_proj / v_proj Linear layers: nothing is frozen")
+        fused = fused_value_layer(model)
+        print("freeze.policy: null would be ov-freeze at this bit width, but the model has no o_proj / v_proj Linear layers: nothing is frozen"
+              + (f"\n  ({FUSED_QKV_NOTE.format(fused)})" if fused else ""))
     try:
         report, _ = build_student_quant(model, recipe, at_step=math.inf)  # a delayed freeze policy is checked too
     except QuantConfigError as e:
         key = _quant_error_key(str(e), recipe)
         hint = ""
         if key == "freeze.policy" and recipe.freeze.policy == "ov-freeze":
-            hint = " (this model has no such projections: set freeze.patterns to its value/output projections, e.g. OPT: ['\\.v_proj$', '\\.out_proj$'])"
+            fused = fused_value_layer(model)
+            hint = (f" ({FUSED_QKV_NOTE.format(fused)})" if fused else
+                    " (this model has no such projections: set freeze.patterns to its value/output projections, e.g. OPT: ['\\.v_proj$', '\\.out_proj$'])")
         raise RecipeError(f"{key}: {e}{hint}") from None
     if recipe.quant is not None and recipe.quant.init_from is not None:
         check_layers(report.layers, recipe.quant.init_from)
@@ -53,6 +57,19 @@ def resolve_freeze_default(recipe: Recipe, model: nn.Module) -> bool:
         f.policy = "none"
         return True
     return False
+
+
+FUSED_QKV = re.compile(r"\.(qkv_proj|query_key_value|Wqkv|c_attn|qkv)$")
+FUSED_QKV_NOTE = (
+    "its value projection is fused with q and k into one Linear, {}; freezing works on whole layers and would fix "
+    "q and k too, so ov-freeze does not apply: freeze the output projections alone with freeze.policy: custom, "
+    "freeze.patterns: ['\\.o_proj$'], or leave freeze.policy: none"
+)
+
+
+def fused_value_layer(model: nn.Module) -> str | None:
+    """The first Linear that holds q, k and v in one weight (phi3's ``qkv_proj``), or None."""
+    return next((n for n, m in model.named_modules() if isinstance(m, nn.Linear) and FUSED_QKV.search(n)), None)
 
 
 def _has_ov_layers(model: nn.Module) -> bool:

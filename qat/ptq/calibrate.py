@@ -392,14 +392,6 @@ def attach_lowrank(layer: nn.Module, a: Tensor, b: Tensor):
     return layer.register_forward_hook(hook)
 
 
-def planned_weight(model: nn.Module, name: str) -> Tensor:
-    """The weight of a planned layer: a Linear's, or a fused expert tensor ``[experts, out, in]``."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    p = parent._parameters.get(attr)
-    return p if p is not None else getattr(parent, attr).weight
-
-
 def quantize_layerwise(
     model: nn.Module,
     plan: dict[str, QuantScheme],

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from ..quant.apply import _parent
-from ..quant.experts import QATExpertWeight, wrap_expert_tensor
+from ..quant.experts import wrap_expert_tensor
 from ..quant.linear import QATLinear
 from ..quant.scheme import QuantScheme
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..quant.apply import planned_weight
 from ..quant.grid import fake_quantize, minmax_qparams, mse_clip_ratio
 from ..quant.scheme import QuantScheme
-from .calibrate import install_quantized, planned_weight
+from .calibrate import install_quantized
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .fused import KERNELS
 from .grid import minmax_qparams, mse_clip_ratio
@@ -178,21 +178,36 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 @contextmanager
 def fake_quantized(model: nn.Module, schemes: dict[str, QuantScheme]):
-    """Swap the Linear layers named in ``schemes`` for ``QATLinear`` layers (those schemes, qparams
-    initialised from the weight) for the duration of the block, and put the original modules back
-    afterwards. The two share their weight and bias tensors, so what the wrapped layers trained
-    stays in the originals. Yields ``{name: QATLinear}``."""
+    """Swap the Linear layers (and fused expert tensors) named in ``schemes`` for ``QATLinear``
+    layers (those schemes, qparams initialised from the weight) for the duration of the block, and
+    put the originals back afterwards. The two share their weight tensors, so what the wrapped
+    layers trained stays in the originals. Yields ``{name: QATLinear}``."""
     swapped = {}
     try:
         for name, s in schemes.items():
             parent, attr = _parent(model, name)
+            if attr in parent._parameters:  # a fused expert tensor
+                swapped[name] = (parent, attr, None)
+                wrap_expert_tensor(parent, attr, s, name)
+                continue
             orig = getattr(parent, attr)
             setattr(parent, attr, QATLinear.from_linear(orig, s, name))
             swapped[name] = (parent, attr, orig)
         yield {name: getattr(parent, attr) for name, (parent, attr, _) in swapped.items()}
     finally:
         for parent, attr, orig in reversed(swapped.values()):
-            setattr(parent, attr, orig)
+            if orig is None:
+                unwrap_expert_tensor(parent, attr, getattr(parent, attr).weight)
+            else:
+                setattr(parent, attr, orig)
+
+
+def planned_weight(model: nn.Module, name: str) -> Tensor:
+    """The weight of a quantizable layer by its name: a Linear's (wrapped or not), or a fused
+    expert tensor ``[experts, out, in]`` (a parameter, or the weight of its ``QATExpertWeight``)."""
+    parent, attr = _parent(model, name)
+    p = parent._parameters.get(attr)
+    return p if p is not None else getattr(parent, attr).weight
 
 
 def qat_linears(model: nn.Module) -> dict[str, QATLinear]:

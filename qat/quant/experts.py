@@ -121,9 +121,10 @@ def wrap_expert_tensor(module: nn.Module, pname: str, scheme: QuantScheme, name:
 
 
 def unwrap_expert_tensor(module: nn.Module, pname: str, weight: Tensor) -> None:
-    """Put a plain parameter holding ``weight`` back in place of the ``QATExpertWeight``
-    ``module.<pname>``, and the experts module's own class once none is left."""
+    """Put a plain parameter holding ``weight`` (or ``weight`` itself, a parameter) back in place
+    of the ``QATExpertWeight`` ``module.<pname>``, and the experts module's own class once none is
+    left."""
     del module._modules[pname]
-    module.register_parameter(pname, nn.Parameter(weight, requires_grad=False))
+    module.register_parameter(pname, weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False))
     if not any(isinstance(m, QATExpertWeight) for m in module._modules.values()) and hasattr(type(module), "qat_base"):
         module.__class__ = type(module).qat_base
