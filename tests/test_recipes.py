@@ -18,7 +18,7 @@ from qat.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").rglob("*.yaml"))
-ARCH = {"qwen3-8b": "qwen3", "qwen3-30b-a3b": "qwen3_moe"}  # by recipe folder; the rest are Llamas
+ARCH = {"qwen3-8b": "qwen3", "qwen3-30b-a3b": "qwen3_moe", "moe-qat": "qwen3_moe"}  # by recipe folder or file; the rest are Llamas
 SEP = "\n<|endoftext|>\n"
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, intermediate_size=64,
             vocab_size=300, max_position_embeddings=128, tie_word_embeddings=False)
@@ -63,7 +63,8 @@ def smoke_overrides(recipe_path: str, local: dict, out: Path) -> list[str]:
          "eval.every=0", "eval.batch_size=2", "eval.max_batches=1", "tracking.wandb_project=null", "checkpoint.every=0",
          "checkpoint.resume=null"]
     if r.model.path is not None:
-        o.append(f"model.path={local['models'][ARCH.get(Path(recipe_path).parent.name, 'llama')]}")
+        p = Path(recipe_path)
+        o.append(f"model.path={local['models'][ARCH.get(p.stem, ARCH.get(p.parent.name, 'llama'))]}")
     else:
         o += [f"model.config.{k}={v}" for k, v in TINY.items() if k != "vocab_size"] + ["tokenizer.train_vocab_size=300"]
     if r.teacher is not None and r.teacher.path is not None:

@@ -64,10 +64,12 @@ def check_expert_scheme(scheme: QuantScheme, name: str, in_features: int) -> Non
 
 def expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """``{name: (experts module, parameter name)}`` for every 3-D weight of a transformers experts
-    module not yet wrapped (``name`` is the parameter's qualified name)."""
+    module (one made by ``use_experts_implementation``, which records its layout) not yet wrapped
+    (``name`` is the parameter's qualified name). Other 3-D weights (a Mamba mixer's conv1d, a
+    remote-code MoE) are not candidates: the build summary lists them in full precision."""
     out = {}
     for mname, m in model.named_modules():
-        if isinstance(m, QATLinear):
+        if isinstance(m, QATLinear) or not hasattr(m, "is_transposed"):
             continue
         for pname, p in m.named_parameters(recurse=False):
             if p.ndim == 3:
@@ -76,16 +78,11 @@ def expert_tensors(model: nn.Module) -> dict[str, tuple[nn.Module, str]]:
 
 
 def check_layout(module: nn.Module, name: str) -> None:
-    """Refuse the layouts the per-expert grid would quantize along the wrong dimension."""
-    if getattr(module, "is_transposed", False):
+    """Refuse the layout the per-expert grid would quantize along the wrong dimension."""
+    if module.is_transposed:
         raise QuantConfigError(
             f"layer {name!r}: this model stores its experts transposed ([experts, in, out], as gpt-oss does); "
-            "qat quantizes [experts, out, in] expert tensors: add the experts to quant.ignore"
-        )
-    if not hasattr(module, "is_transposed"):
-        raise QuantConfigError(
-            f"layer {name!r}: a 3-D weight of {type(module).__name__}, which is not a transformers experts module "
-            "(use_experts_implementation); qat cannot tell its layout: add it to quant.ignore"
+            "qat quantizes [experts, out, in] expert tensors: add 'experts\\.' to quant.ignore"
         )
 
 

@@ -30,6 +30,7 @@ from ..data.plans import calibration_blocks
 from ..deps import require
 from ..io.final import ADAPTER_DIR, save_final
 from ..quant.apply import _parent, qat_linears
+from ..quant.experts import QATExpertWeight
 from ..quant.grid import fake_quantize, fake_quantize_ste, minmax_qparams
 from ..quant.linear import QATLinear
 from ..quant.lowrank import lowrank_factors
@@ -92,7 +93,8 @@ def merge_lora_(model: nn.Module) -> int:
 def lora_targets(model: nn.Module, patterns: list[str] | None) -> list[str]:
     """Quantized, non-frozen layers matching ``patterns`` (``re.search``; default: all)."""
 
-    layers = {n: m for n, m in qat_linears(model).items() if not m.frozen}
+    # fused MoE expert tensors take no adapter (peft wraps modules that compute x W^T): they stay as quantized
+    layers = {n: m for n, m in qat_linears(model).items() if not m.frozen and not isinstance(m, QATExpertWeight)}
     regs = [re.compile(p) for p in patterns or []]
     for r in regs:
         if not any(r.search(n) for n in layers):
