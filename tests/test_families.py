@@ -126,3 +126,28 @@ def test_experts_under_the_token_minimum_fall_back_to_rtn_and_say_so(corpus, tmp
     assert all(len(c) == 4 and sum(c) > 0 for c in tokens.values())
     gptq_layers = [n for n in details if n.startswith("model.layers")]
     assert gptq_layers and not any("experts" in n for n in gptq_layers)  # every expert went to RTN
+
+
+def test_an_moe_trains_sharded_with_fsdp2_and_exports_exactly(corpus, tmp_path, capsys):
+    """The FSDP2 launch configuration wraps whichever decoder layer the model names (no Llama
+    class in it): a Qwen3-MoE trains on 2 CPU processes, its sharded expert tensors are gathered
+    into final/, which exports exactly."""
+    import os
+    import subprocess
+    import sys
+
+    model_dir = build("qwen3_moe", corpus)
+    out = tmp_path / "fsdp"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    o = [x for x in overrides(corpus, model_dir, out, 4) if not x.startswith("train.micro_batch_size")]
+    proc = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/cpu-2proc-fsdp2.yaml"),
+         "-m", "qat", "train", str(REPO / RECIPE), *o, "train.micro_batch_size=1"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "4 expert tensors x 4 experts" in proc.stdout
+    assert reload_report(out / "final") == {}
+    assert main(["export", str(out), "--format", "compressed-tensors", "--verify"]) == 0
+    assert "max abs difference 0 (identical)" in capsys.readouterr().out
