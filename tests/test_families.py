@@ -80,6 +80,24 @@ def reload_report(final) -> dict:
     return {k: sorted(map(str, v)) for k, v in info.items() if v}
 
 
+def check_servable_layout(export) -> None:
+    """What vLLM's compressed-tensors loader needs beside the tensors: one symmetric int4
+    pack-quantized scheme targeting Linear, and every matrix of the blocks written dense (a router,
+    an unquantized Linear) listed in ``ignore`` (vLLM would expect packed weights for it)."""
+    from safetensors import safe_open
+
+    qc = json.loads((export / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "pack-quantized"
+    (group,) = qc["config_groups"].values()
+    assert group["targets"] == ["Linear"] and group["weights"]["symmetric"] and group["weights"]["num_bits"] == 4
+    dense = set()
+    for f in export.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            dense |= {k.removesuffix(".weight") for k in st.keys() if k.endswith(".weight") and len(st.get_slice(k).get_shape()) == 2}
+    blocks = {n for n in dense if ".layers." in n}
+    assert blocks <= set(qc["ignore"]), sorted(blocks - set(qc["ignore"]))
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_family_trains_quantizes_exports_and_reloads(family, corpus, tmp_path, capsys):
     model_dir = build(family, corpus)
@@ -96,6 +114,7 @@ def test_family_trains_quantizes_exports_and_reloads(family, corpus, tmp_path, c
         assert reload_report(run / "final") == {}, f"final/ of W{bits} reloads with a clean load report"
         assert main(["export", str(run), "--format", "compressed-tensors", "--verify"]) == 0, f"export W{bits}"
         assert "max abs difference 0 (identical)" in capsys.readouterr().out
+        check_servable_layout(run / "export-compressed-tensors")
     ptq = tmp_path / "gptq"
     o = [x if not x.startswith("output_dir=") else f"output_dir={ptq}" for x in overrides(corpus, model_dir, ptq, 4)]
     assert main(["ptq", str(REPO / RECIPE), "--method", "gptq", *o]) == 0

@@ -413,7 +413,8 @@ def test_linear_groups_by_shared_input_after_partial_quantization(tiny):
     """Layers are grouped by the identity of the tensor they receive (q/k/v and gate/up share
     one), also once earlier layers are quantized with LoRA hooks (freed inputs reused memory
     and merged o_proj into the gate/up group when groups were keyed by data pointer)."""
-    from qat.ptq.calibrate import BlockRunner, attach_lowrank, capture_inputs, install_quantized
+    from qat.ptq.calibrate import BlockRunner, attach_lowrank, capture_inputs
+    from qat.ptq.install import install_quantized
     from qat.ptq.rtn import rtn_qparams
 
     model = copy.deepcopy(tiny["model"])

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from ..io.final import write_quant_files
-from ..io.layout import drop_fused, rows_of
+from ..io.layout import checkpoint_names, drop_fused, rows_of
 from ..quant.apply import DEFAULT_TARGETS
 from ..quant.grid import dequantize
 from ..quant.linear import QuantizedWeight
@@ -175,7 +175,7 @@ def _config_with_experts(out: Path, layers: dict[str, dict], expert_names: dict[
     routers = [p.removesuffix(".weight") for p, t in model.named_parameters()
                if t.ndim == 2 and p.endswith(".weight") and p not in quantized and re.search(DEFAULT_TARGETS[0], p)
                and not isinstance(model.get_submodule(p.removesuffix(".weight")), nn.Linear)]
-    qc["ignore"] = sorted(set(qc.get("ignore") or []) | set(routers))
+    qc["ignore"] = sorted(set(qc.get("ignore") or []) | set(checkpoint_names(model, routers)))
     cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
 
 

@@ -46,6 +46,16 @@ def checkpoint_rows(model: nn.Module, name: str, shape: tuple[int, int, int]) ->
     return out
 
 
+@torch.no_grad()
+def checkpoint_names(model: nn.Module, names: list[str]) -> list[str]:
+    """The names the checkpoint layout gives the modules ``names`` (Mixtral's ``mlp.gate`` is
+    ``block_sparse_moe.gate`` on disk), by transformers' own renaming."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    out = revert_weight_conversion(model, {f"{n}.weight": torch.zeros(1, 1) for n in names})
+    return sorted(k.removesuffix(".weight") for k in out)
+
+
 def rows_of(qw: QuantizedWeight, rows: Tensor) -> QuantizedWeight:
     """The codes and qparams of ``rows`` of a fused ``[experts, out, in]`` weight, as one matrix."""
     codes, scale, zero = (t.reshape(-1, t.shape[-1])[rows] for t in (qw.codes, qw.scale, qw.zero_point))

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from ..quant.grid import clip_search, fake_quantize, minmax_qparams
 from ..quant.scheme import QuantScheme
-from .calibrate import BlockRunner, InputStats, first_output, install_quantized, to_device
+from .calibrate import BlockRunner, InputStats, first_output, to_device
+from .install import install_quantized
 
 # (preceding op, layers it feeds, module whose output judges the scale), relative to the block
 _CANDIDATES = (

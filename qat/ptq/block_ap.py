@@ -30,7 +30,8 @@ from torch import Tensor
 
 from ..quant.apply import fake_quantized
 from ..quant.scheme import QuantScheme
-from .calibrate import BlockInput, BlockRunner, install_quantized
+from .calibrate import BlockInput, BlockRunner
+from .install import install_quantized
 
 
 def _floating(obj, dtype: torch.dtype):

@@ -8,7 +8,7 @@ The model is processed one decoder block at a time, the way GPTQ processes it:
 2. for block ``i``, a ``BlockRunner`` replays those inputs through the block. The method asks it
    for statistics of the inputs of some of the block's Linear layers (``collect``: forward hooks
    that stream ``X^T X``, ``mean |x|``, ... into ``InputStats``, so nothing token-sized is kept),
-   quantizes those layers (``install_quantized``: a ``QATLinear`` whose qparams are fixed with
+   quantizes those layers (``install.install_quantized``: a ``QATLinear`` whose qparams are fixed with
    ``set_qparams``), and may ask again for the layers after them (GPTQ's "true sequential" order:
    ``linear_groups`` gives the Linear layers that share one input, in the order they are called);
 3. the quantized block is run on the same inputs; its outputs are the inputs of block ``i + 1``.
@@ -31,9 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..quant.experts import wrap_expert_tensor
-from ..quant.linear import QATLinear
 from ..quant.scheme import QuantConfigError, QuantScheme
+from .experts import experts_as_linears, fused_names, route_experts
 
 BLOCK_LIST_RE = re.compile(r"(^|\.)(layers|h|blocks|block)$")
 _DROP_KWARGS = ("past_key_values", "past_key_value", "layer_past", "use_cache", "output_attentions", "cache_position")
@@ -362,25 +361,6 @@ class BlockRunner:
 
 
 # -- installing results --------------------------------------------------------------------
-def install_quantized(
-    model: nn.Module, name: str, scheme: QuantScheme, scale: Tensor, zero: Tensor, weight: Tensor | None = None
-) -> QATLinear:
-    """Replace Linear ``name`` by a ``QATLinear`` with these fixed qparams, its weight (``weight`` if
-    given) snapped onto their grid."""
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    layer = getattr(parent, attr)
-    if isinstance(layer, nn.Parameter):  # a fused expert tensor [experts, out, in]
-        layer = wrap_expert_tensor(parent, attr, QuantScheme(scheme.bits, scheme.group_size, scheme.symmetric, "minmax", grid=scheme.grid), name)
-        layer.scheme = scheme
-    elif not isinstance(layer, QATLinear):
-        layer = QATLinear.from_linear(layer, QuantScheme(scheme.bits, scheme.group_size, scheme.symmetric, "minmax", grid=scheme.grid), name)
-        layer.scheme = scheme
-        setattr(parent, attr, layer)
-    layer.set_qparams(scale.to(layer.weight.device), zero.to(layer.weight.device), None if weight is None else weight.to(layer.weight))
-    return layer
-
-
 def attach_lowrank(layer: nn.Module, a: Tensor, b: Tensor):
     """Add ``x A^T B^T`` to the layer's output (a LoRA term) with a forward hook; returns the handle."""
     a = a.to(layer.weight.device, layer.weight.dtype)
@@ -413,8 +393,6 @@ def quantize_layerwise(
     data-free)."""
     from tqdm.auto import tqdm
 
-    from .experts import experts_as_linears, fused_names
-
     prefix, blocks = find_blocks(model)
     per_block: dict[int, list[str]] = {}
     outside = []
@@ -439,52 +417,10 @@ def quantize_layerwise(
             with experts_as_linears(model, block_fused, plan) as views:
                 names = [n for n in names if n not in fused]
                 if views:
-                    names = _route_experts(runner, views, names, plan, expert_min_tokens, expert_tokens)
+                    names = route_experts(runner, views, names, plan, expert_min_tokens, expert_tokens)
                 if names:
                     block_fn(runner, names)
             if i < len(blocks) - 1:
                 inputs = runner.outputs()
         del runner
     return outside
-
-
-@torch.no_grad()
-def _route_experts(runner: BlockRunner, views: dict, names: list[str], plan, min_tokens: int, tokens: dict | None) -> list[str]:
-    """One pass of the block with its experts as Linear views: check the views compute what the
-    experts module does, count the (real) tokens routed to each expert, quantize the experts
-    under ``min_tokens`` with RTN. Returns the names left for the method."""
-    from .experts import check_view
-    from .rtn import rtn_qparams
-
-    seen: dict[str, tuple] = {}
-    real = {mod: torch.zeros(v.num_experts, dtype=torch.long) for mod, v in views.items()}
-    hooks = []
-    for mod, view in views.items():
-        def first(_m, args, mod=mod):
-            seen.setdefault(mod, tuple(a.detach() for a in args))
-            idx = args[1] if runner._mask is None else args[1][runner._mask.reshape(-1).bool()]
-            real[mod] += torch.bincount(idx.reshape(-1).cpu(), minlength=views[mod].num_experts)[: views[mod].num_experts]
-        hooks.append(view.register_forward_pre_hook(first))
-    try:
-        runner.run()
-    finally:
-        for h in hooks:
-            h.remove()
-    for mod, view in views.items():
-        if mod in seen:
-            d = check_view(view, *seen[mod])
-            scale = max(1.0, seen[mod][0].abs().max().item())
-            if d > 1e-4 * scale:
-                raise RuntimeError(f"{mod}: the per-expert view computes other outputs than the experts module (max abs difference {d:.3g})")
-        for pname in view.fused:
-            fused = f"{mod}.{pname}"
-            counts = real[mod].tolist()
-            if tokens is not None:
-                tokens[fused] = counts
-            for e, c in enumerate(counts):
-                if c < min_tokens:
-                    n = f"{fused}.{e}"
-                    scale, zero = rtn_qparams(runner.module(n).weight.detach().float(), plan[n])
-                    install_quantized(runner.model, n, plan[n], scale, zero)
-            names += [f"{fused}.{e}" for e, c in enumerate(counts) if c >= min_tokens]
-    return names

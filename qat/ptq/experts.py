@@ -22,6 +22,8 @@ from ..quant.apply import _parent
 from ..quant.experts import wrap_expert_tensor
 from ..quant.linear import QATLinear
 from ..quant.scheme import QuantScheme
+from .install import install_quantized
+from .rtn import rtn_qparams
 
 
 FUSED_PROJ = ("gate_up_proj", "up_proj", "down_proj")  # the fused tensors of transformers' experts modules
@@ -179,3 +181,43 @@ def sequential_passes(groups: list[list[str]]) -> list[list[list[str]]]:
         else:
             passes.append([g])
     return passes
+
+
+@torch.no_grad()
+def route_experts(runner, views: dict, names: list[str], plan, min_tokens: int, tokens: dict | None) -> list[str]:
+    """One pass of the block (``runner``: its ``calibrate.BlockRunner``) with its experts as
+    Linear views: check the views compute what the experts module does, count the (real) tokens
+    routed to each expert, quantize the experts under ``min_tokens`` with RTN. Returns the names
+    left for the method."""
+    seen: dict[str, tuple] = {}
+    real = {mod: torch.zeros(v.num_experts, dtype=torch.long) for mod, v in views.items()}
+    hooks = []
+    for mod, view in views.items():
+        def first(_m, args, mod=mod):
+            seen.setdefault(mod, tuple(a.detach() for a in args))
+            idx = args[1] if runner._mask is None else args[1][runner._mask.reshape(-1).bool()]
+            real[mod] += torch.bincount(idx.reshape(-1).cpu(), minlength=views[mod].num_experts)[: views[mod].num_experts]
+        hooks.append(view.register_forward_pre_hook(first))
+    try:
+        runner.run()
+    finally:
+        for h in hooks:
+            h.remove()
+    for mod, view in views.items():
+        if mod in seen:
+            d = check_view(view, *seen[mod])
+            scale = max(1.0, seen[mod][0].abs().max().item())
+            if d > 1e-4 * scale:
+                raise RuntimeError(f"{mod}: the per-expert view computes other outputs than the experts module (max abs difference {d:.3g})")
+        for pname in view.fused:
+            fused = f"{mod}.{pname}"
+            counts = real[mod].tolist()
+            if tokens is not None:
+                tokens[fused] = counts
+            for e, c in enumerate(counts):
+                if c < min_tokens:
+                    n = f"{fused}.{e}"
+                    scale, zero = rtn_qparams(runner.module(n).weight.detach().float(), plan[n])
+                    install_quantized(runner.model, n, plan[n], scale, zero)
+            names += [f"{fused}.{e}" for e, c in enumerate(counts) if c >= min_tokens]
+    return names

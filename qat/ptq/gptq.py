@@ -32,8 +32,9 @@ from torch import Tensor
 
 from ..quant.grid import fake_quantize
 from ..quant.scheme import QuantScheme
-from .calibrate import BlockRunner, InputStats, install_quantized
+from .calibrate import BlockRunner, InputStats
 from .experts import sequential_passes
+from .install import install_quantized
 from .rtn import rtn_qparams
 
 

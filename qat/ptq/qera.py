@@ -28,7 +28,8 @@ from torch import Tensor
 from ..quant.grid import fake_quantize
 from ..quant.lowrank import lowrank_factors
 from ..quant.scheme import QuantScheme
-from .calibrate import BlockRunner, InputStats, attach_lowrank, install_quantized
+from .calibrate import BlockRunner, InputStats, attach_lowrank
+from .install import install_quantized
 from .gptq import gptq_quantize
 from .rtn import rtn_qparams
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..quant.apply import planned_weight
 from ..quant.grid import fake_quantize, minmax_qparams, mse_clip_ratio
 from ..quant.scheme import QuantScheme
-from .calibrate import install_quantized
+from .install import install_quantized
 
 
 @torch.no_grad()

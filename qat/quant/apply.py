@@ -3,8 +3,8 @@
 ``quantize_model`` selects layers by regex on their qualified names (``re.search``): a layer is
 wrapped if it matches a ``targets`` pattern and no ``ignore`` pattern. The default target is
 every Linear inside the stack of transformer blocks (``...layers.N.``, ``...h.N.``,
-``...blocks.N.``), so ``lm_head`` and embeddings stay in full precision unless a pattern asks for
-them. ``layer_schemes`` (pattern -> scheme, first match wins) gives mixed precision.
+``...blocks.N.``) except MoE routing layers (``DEFAULT_IGNORE``), so ``lm_head``, embeddings and
+routers stay in full precision unless a pattern asks for them. ``layer_schemes`` (pattern -> scheme, first match wins) gives mixed precision.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ from .linear import QATLinear, group_count
 from .scheme import QuantConfigError, QuantScheme
 
 DEFAULT_TARGETS: tuple[str, ...] = (r"(^|\.)(layers|h|blocks|block)\.\d+\.",)
+# MoE routing layers the default targets leave out, as llm-compressor's MoE recipes do: a router
+# or a shared expert's gate is a few rows wide (Qwen2-MoE's shared_expert_gate: 1), decides the
+# routing, and vLLM builds it as a plain (unquantized) linear layer
+DEFAULT_IGNORE: tuple[str, ...] = (r"(^|\.)(gate|router|shared_expert_gate)$",)
 
 
 @dataclass
@@ -107,6 +111,7 @@ def quantize_model(
     """
     target_res = _compile(targets or DEFAULT_TARGETS, "targets")
     ignore_res = _compile(ignore or (), "ignore")
+    default_ignore = _compile(DEFAULT_IGNORE, "ignore") if not targets else []
     overrides = list(layer_schemes or [])
     override_res = list(zip(_compile([p for p, _ in overrides], "layer_schemes"), [s for _, s in overrides]))
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and not isinstance(m, QATLinear)}
@@ -129,7 +134,7 @@ def quantize_model(
     report = QuantReport()
     chosen: dict[str, QuantScheme] = {}
     for name in names:
-        if any(r.search(name) for r in target_res) and not any(r.search(name) for r in ignore_res):
+        if any(r.search(name) for r in target_res) and not any(r.search(name) for r in [*ignore_res, *default_ignore]):
             chosen[name] = next((s for r, s in override_res if r.search(name)), scheme)
         else:
             report.skipped.append(name)
