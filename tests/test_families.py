@@ -11,8 +11,10 @@ downloads: this runs in both CI runs. A new family is one line of FAMILIES.
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+import torch
 
 from test_recipes import REPO, SEP, smoke_overrides
 
@@ -57,7 +59,6 @@ def corpus(tmp_path_factory) -> dict:
 
 
 def build(family: str, corpus: dict):
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     keys = {k: v for k, v in {**BASE, **FAMILIES[family]}.items() if v is not None}
@@ -170,3 +171,45 @@ def test_an_moe_trains_sharded_with_fsdp2_and_exports_exactly(corpus, tmp_path, 
     assert reload_report(out / "final") == {}
     assert main(["export", str(out), "--format", "compressed-tensors", "--verify"]) == 0
     assert "max abs difference 0 (identical)" in capsys.readouterr().out
+
+
+def test_an_moe_run_starts_from_its_gptq_result(corpus, tmp_path, capsys):
+    """quant.init_from on a MoE: the QAT student starts on the GPTQ run's codes and qparams of
+    every expert (before any step its final/ is the GPTQ final/, up to the last bit of a scale
+    that dynamic qparams recompute as min-max x ratio, as for Linear layers)."""
+    from safetensors.torch import load_file
+
+    model_dir = build("qwen3_moe", corpus)
+    ptq = tmp_path / "gptq"
+    assert main(["ptq", str(REPO / RECIPE), "--method", "gptq", *overrides(corpus, model_dir, ptq, 4)]) == 0
+    run = tmp_path / "qat"
+    o = [x for x in overrides(corpus, model_dir, run, 4) if not x.startswith("train.max_steps")]
+    assert main(["train", str(REPO / RECIPE), *o, f"quant.init_from={ptq}", "train.max_steps=0"]) == 0
+    assert "quant.init_from: 12 layers" in capsys.readouterr().out
+    a, b = load_file(str(ptq / "final" / "model.safetensors")), load_file(str(run / "final" / "model.safetensors"))
+    experts = [k for k in a if ".experts." in k]
+    assert len(experts) == 24 and all(torch.allclose(a[k], b[k], rtol=1e-6, atol=0) for k in experts)
+    assert not all(torch.allclose(a[k], load_file(str(model_dir / "model.safetensors"))[k], rtol=1e-3) for k in experts)
+
+
+def test_verify_fails_on_expert_tensors_the_loader_does_not_load(corpus, tmp_path, capsys):
+    """An export whose load report has a missing tensor is never called exact: here the packed
+    tensors of one block's down_proj experts are dropped, transformers initialises that fused
+    tensor at random, and verify reports it (the CLI then exits 1)."""
+    from safetensors.torch import load_file, save_file
+
+    from qat.export.verify import verify_export
+
+    model_dir = build("qwen3_moe", corpus)
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / RECIPE), *overrides(corpus, model_dir, run, 4)]) == 0
+    assert main(["export", str(run), "--format", "compressed-tensors", "--verify"]) == 0
+    out = run / "export-compressed-tensors"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    dropped = {k: f for k, f in index["weight_map"].items() if re.search(r"layers\.0\.mlp\.experts\.\d+\.down_proj\.", k)}
+    for f in set(dropped.values()):
+        save_file({k: t for k, t in load_file(str(out / f)).items() if k not in dropped}, str(out / f))
+    index["weight_map"] = {k: f for k, f in index["weight_map"].items() if k not in dropped}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    res = verify_export(out, "compressed-tensors", run / "final")
+    assert not res["identical"] and "missing: model.layers.0.mlp.experts.down_proj" in res["load_problems"], res
