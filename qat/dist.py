@@ -8,7 +8,9 @@
 - ``my_share(items, accelerator)``: this process's share of a work list the main process drew up
   (teacher-generated shards, teacher-cache shards);
 - ``fsdp_on_cpu(accelerator)``: FSDP2 on CPU processes launched with an FSDP config, which
-  Accelerate otherwise runs as plain DDP.
+  Accelerate otherwise runs as plain DDP;
+- ``wait_for_everyone(accelerator, what)``: a barrier that, past the process group's timeout
+  (``train.collective_timeout_s``), says what the waiting rank was waiting for.
 """
 
 from __future__ import annotations
@@ -62,3 +64,24 @@ def fsdp_on_cpu(accelerator) -> bool:
     state.distributed_type = DistributedType.FSDP
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState() re-reads it
     return True
+
+
+class CollectiveTimeout(RuntimeError):
+    """A rank waited past the process group's timeout; the message names what it waited for."""
+
+
+def wait_for_everyone(accelerator, what: str) -> None:
+    """``accelerator.wait_for_everyone()``. ``what``: what the other ranks are doing meanwhile
+    (e.g. "the main process writing final/"), named if this rank waits past the timeout (gloo
+    and NCCL raise a RuntimeError, or its subclass DistBackendError, saying "timed out")."""
+    if accelerator is None:
+        return
+    try:
+        accelerator.wait_for_everyone()
+    except RuntimeError as e:
+        if "timed out" not in str(e).lower() and "timeout" not in str(e).lower():
+            raise
+        raise CollectiveTimeout(
+            f"rank {accelerator.process_index} waited past the collective timeout for {what}; if that step is only slow "
+            "at this model size, raise train.collective_timeout_s"
+        ) from None

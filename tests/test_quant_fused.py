@@ -129,35 +129,35 @@ def test_whole_model_step_identical():
     assert all(torch.equal(ga[n], gb[n]) for n in ga)
 
 
-def _saved_bytes(layer: QATLinear, kernel: str) -> int:
-    """Bytes the autograd graph keeps for backward, the input activations excluded."""
+def _saved_bytes(layer: nn.Module, kernel: str, autocast: bool) -> int:
+    """Bytes the autograd graph keeps for backward besides the parameters' own tensors."""
     fused.set_kernel(kernel)
-    x = torch.randn(4, 64)
+    x = torch.randn(4, 64, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     total = []
 
     def pack(t):
-        if t.data_ptr() != x.data_ptr() and t.data_ptr() != layer.weight.data_ptr():
+        if t.untyped_storage().data_ptr() not in params:
             total.append(t.numel() * t.element_size())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         layer(x)
     return sum(total)
 
 
-def test_fused_keeps_only_a_mask_for_backward():
-    """The fused path keeps only the bool STE mask (1 byte per weight; x needs no grad here, so
-    F.linear keeps no weight); with LSQ it recomputes ``w / s + z`` instead of keeping float32
-    copies of ``v`` and ``q`` as the eager path does."""
-    layer = _layer(SCHEMES["w4g32sym"], "fp32")
-    n = layer.weight.numel()
-    assert _saved_bytes(layer, "compile") == n
-    lsq = _layer(SCHEMES["w4g32sym_lsq"], "fp32")
-    scale_bytes = lsq.weight_scale.numel() * 4
-    # mask + the rounded/clamped zero-point (and clamp's own input) + the input of the scale's
-    # positivity clamp: scale-sized tensors only, no weight-sized float copy
-    assert _saved_bytes(lsq, "compile") == n + 3 * scale_bytes
-    assert _saved_bytes(lsq, "eager") >= n + 2 * 4 * n  # mask + v + q
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("kernel", ["eager", "compile"])
+@pytest.mark.parametrize("scheme", ["w4g32sym", "w4g32sym_lsq"])
+def test_a_qat_layer_saves_for_backward_no_more_than_a_linear(scheme, kernel, autocast):
+    """The fake-quantized weight, its STE mask and LSQ terms are recomputed in backward: a QAT
+    layer keeps its input, as nn.Linear does, and nothing weight-sized (nn.Linear under autocast
+    also keeps the bf16 copy of its weight)."""
+    layer = _layer(SCHEMES[scheme], "fp32")
+    plain = nn.Linear(64, 48)
+    x_bytes = 4 * 64 * (2 if autocast else 4)
+    assert _saved_bytes(layer, kernel, autocast) == x_bytes
+    assert _saved_bytes(plain, kernel, autocast) == x_bytes + (2 * plain.weight.numel() if autocast else 0)
 
 
 def test_kernel_choice():

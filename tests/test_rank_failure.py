@@ -90,3 +90,32 @@ def test_a_rank_that_fails_while_the_teacher_works_ends_the_run(tmp_path, target
     assert "failed (injected on rank 1)" in out, out[-3000:]
     assert took < 200, took  # ended by the failure, not by a collective's timeout
     assert not (tmp_path / "run" / "final").exists()
+
+
+SLOW_FINAL = '''
+import os, sys, time
+import qat.train.loop as loop
+save = loop.save_lora_final
+def slow_save(*a, **k):
+    time.sleep(15)  # the main process's final/ write, slower than the collective timeout
+    return save(*a, **k)
+loop.save_lora_final = slow_save
+from qat.cli import main
+sys.exit(main(sys.argv[1:]))
+'''
+
+
+def test_a_rank_waiting_past_the_collective_timeout_says_for_what(tmp_path):
+    """train.collective_timeout_s is the process group's timeout; the rank that waits for the main
+    process's final/ write longer than that stops with one line naming the step and the key."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(SLOW_FINAL)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", str(driver), "train", PRETRAIN, f"output_dir={tmp_path / 'run'}",
+           *SCRATCH_SMALL, "train.max_steps=2", "train.collective_timeout_s=5"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert ("qat: training stopped: rank 1 waited past the collective timeout for the main process writing final/; "
+            "if that step is only slow at this model size, raise train.collective_timeout_s") in out, out[-3000:]

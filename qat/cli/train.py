@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from ..dist import rank_zero
+from ..dist import CollectiveTimeout, rank_zero
 from ..io.checkpoint import CheckpointError, latest_checkpoint
 from ..io.rundir import DiskError
 from ..recipe import load_recipe
@@ -30,7 +30,7 @@ def run(args) -> int:
 
     try:
         out = train(recipe, overwrite=args.overwrite)
-    except (TrainingStopped, CheckpointError, DiskError) as e:  # a clear message, no traceback; exit 1
+    except (TrainingStopped, CheckpointError, DiskError, CollectiveTimeout) as e:  # a clear message, no traceback; exit 1
         print(f"qat: training stopped: {e}", file=sys.stderr)
         return 1
     except LaunchError as e:  # every rank raises it; one says it

@@ -24,6 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
+from ..dist import wait_for_everyone
 from .rundir import DiskError, first_line, fsync_dir, fsync_tree, write_failure, write_json_atomic
 
 STATE_FILE = "qat_state.json"
@@ -134,9 +135,9 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
             root.mkdir(parents=True, exist_ok=True)
             for stale in [*root.glob(f"{_TMP_PREFIX}*"), *root.glob(f"{_DEL_PREFIX}*")]:  # left by a killed run
                 _rm(stale)
-        accelerator.wait_for_everyone()
+        wait_for_everyone(accelerator, f"the main process preparing checkpoint step-{step}")
         accelerator.save_state(str(tmp), safe_serialization=True)
-        accelerator.wait_for_everyone()
+        wait_for_everyone(accelerator, f"every process writing its part of checkpoint step-{step}")
         if accelerator.is_main_process:
             doc = {"step": step, **state, "files": file_hashes(tmp)}
             write_json_atomic(tmp / STATE_FILE, {**doc, "sha256": state_digest(doc)})
@@ -156,7 +157,7 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
             f"could not write checkpoint step-{step} in {root} ({why}); "
             f"the incomplete files were removed and {kept}"
         ) from e
-    accelerator.wait_for_everyone()
+    wait_for_everyone(accelerator, f"the main process checksumming and renaming checkpoint step-{step}")
     if accelerator.is_main_process:  # among this run's checkpoints: none newer than the one just written
         for _, old in [(s, p) for s, p in checkpoint_dirs(root) if s <= step][:-keep]:
             if protect is None or old.resolve() != protect.resolve():

@@ -137,9 +137,12 @@ class QATLinear(nn.Linear):
         return w.to(self.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.scheme.act_bits is not None and (self.quant_enabled or self.fixed):
+        if not self.quant_enabled and not self.fixed:  # quant.start_step: a plain Linear until then
+            return F.linear(x, self.weight, self.bias)
+        if self.scheme.act_bits is not None:
             x = fake_quantize_activation(x, self.scheme.act_bits)
-        return F.linear(x, self.forward_weight(x.device.type), self.bias)
+        params = [p for n, p in self._parameters.items() if p is not None and p.requires_grad and n != "bias"]
+        return _RecomputedLinear.apply(x, self.bias, self, x.device.type, *params)
 
     def forward_weight(self, device_type: str) -> Tensor:
         """The weight the forward computes with: the latent one before ``quant.start_step``, else
@@ -235,6 +238,51 @@ class QATLinear(nn.Linear):
         sym = "seq" if s.seq else "sym" if s.symmetric else "asym"
         act = f", a{s.act_bits}" if s.act_bits else ""
         return f"w{s.bits} {group} {sym} {mode}{act}"
+
+
+class _RecomputedLinear(torch.autograd.Function):
+    """``F.linear(x, layer.forward_weight(), bias)`` keeping for backward what ``nn.Linear`` keeps
+    (its input; the parameters are the layer's own tensors) and nothing weight-sized: the
+    fake-quantized weight, its STE mask and its LSQ terms are recomputed from the parameters in
+    backward, through the same functions, so the gradients are those of the direct graph.
+
+    ``params``: the layer's parameters the weight depends on that take gradients (the latent
+    weight, learnable qparams, LoRA factors), passed so that autograd routes their gradients
+    (and FSDP / DDP hooks) as for any input. Under autocast ``F.linear`` casts as it would; the
+    backward computes in the dtype the forward produced."""
+
+    @staticmethod
+    def forward(ctx, x, bias, layer, device_type, *params):
+        with torch.no_grad():
+            wq = layer.forward_weight(device_type)
+        ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        x_c = x.to(ctx.autocast[1]) if ctx.autocast[0] else x  # the input as F.linear computes with it (autocast's cast)
+        y = F.linear(x_c, wq, bias)
+        ctx.layer, ctx.device_type, ctx.out_dtype = layer, device_type, y.dtype
+        ctx.dtypes = (x.dtype, None if bias is None else bias.dtype)
+        ctx.save_for_backward(x_c, *params)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, *params = ctx.saved_tensors
+        cd = ctx.out_dtype
+        need_x, need_b, _, _, *need_p = ctx.needs_input_grad
+        enabled, dtype = ctx.autocast  # the forward's autocast state: the same weight, in the same dtype
+        with torch.enable_grad(), torch.autocast(ctx.device_type, dtype=dtype, enabled=enabled):
+            wq = ctx.layer.forward_weight(ctx.device_type)
+        wq_c = wq.detach().to(cd)
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = (gy @ wq_c).to(ctx.dtypes[0]) if need_x else None
+        gb = g2.sum(0).to(ctx.dtypes[1]) if need_b else None
+        grads = [None] * len(params)
+        wanted = [i for i, n in enumerate(need_p) if n]
+        if wanted:
+            gwq = (g2.t() @ x.reshape(-1, x.shape[-1]).to(cd)).to(wq.dtype)
+            got = torch.autograd.grad(wq, [params[i] for i in wanted], gwq, allow_unused=True)
+            for i, g in zip(wanted, got):
+                grads[i] = g
+        return gx, gb, None, None, *grads
 
 
 def group_count(layer: QATLinear) -> tuple[int, ...]:

@@ -33,7 +33,7 @@ from ..data.generate import build_run_datasets, generate_cached
 from ..data.plans import BatchPlan, batch_of, blocks_used, qat_train_tokens
 from ..data.setup import check_positions, tokenizer_for
 from ..deps import require
-from ..dist import from_main_process, rank_zero
+from ..dist import from_main_process, rank_zero, wait_for_everyone
 from ..distill import distill_loss
 from ..distill.teacher_cache import TeacherCache
 from ..distill.teacher_cache import check as check_teacher_cache
@@ -621,7 +621,7 @@ def write_final(run: Run) -> None:
         if run.replaced is not None:  # the new run can stand in for the one --overwrite replaces
             run.replaced.commit()
     del state
-    acc.wait_for_everyone()
+    wait_for_everyone(acc, "the main process writing final/")
 
 
 def forward_param_dtype(accelerator) -> torch.dtype | None:
@@ -658,7 +658,7 @@ def evaluate_final(run: Run) -> None:
                 acc.log({f"final/{k}_ppl": v["ppl"] for k, v in result.items() if isinstance(v, dict)}, step=run.step)
             except Exception as e:
                 warnings.warn(f"wandb logging failed: {e}")
-    acc.wait_for_everyone()
+    wait_for_everyone(acc, "the main process writing eval.json")
 
 
 def _eval_line(result: dict) -> str:

@@ -91,7 +91,10 @@ def resolve_precision(recipe: Recipe) -> str:
 
 
 def make_accelerator(recipe: Recipe, out: Path):
+    from datetime import timedelta
+
     from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
 
     resolve_precision(recipe)
     tr = recipe.tracking
@@ -103,6 +106,7 @@ def make_accelerator(recipe: Recipe, out: Path):
         gradient_accumulation_steps=recipe.train.grad_accum,
         log_with="wandb" if use_wandb else None,
         project_dir=str(out),
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.collective_timeout_s))],
     )
     fsdp_on_cpu(accelerator)  # an FSDP launch config on CPU processes: FSDP2, not a silent DDP
     return accelerator
