@@ -134,6 +134,15 @@ def load_student(recipe: Recipe, config) -> nn.Module:
     return AutoModelForCausalLM.from_config(config, **kw)
 
 
+def student_skeleton(recipe: Recipe, config) -> nn.Module:
+    """The student's structure on the meta device: no memory, nothing read from disk. ``final/``
+    is built on it from the trained state (``load_state_dict(..., assign=True)``)."""
+    m = recipe.model
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
+                                                dtype=DTYPES[m.dtype])
+
+
 def load_teacher(recipe: Recipe, device: torch.device | str | None = None) -> nn.Module:
     """The frozen teacher (``teacher.path``, default the original ``model.path``) in
     ``teacher.dtype``, eval mode, no gradients. The one place a teacher is loaded."""

@@ -15,6 +15,7 @@ uninterrupted run sees, and 1 process with batch 2B sees the same global batches
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import signal
@@ -41,7 +42,7 @@ from ..distill.teacher_cache import precompute as precompute_teacher_cache
 from ..evaluate.perplexity import perplexity
 from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint, set_aside_newer, usable_checkpoint
 from ..io.final import final_dtype, writing_final
-from ..io.models import DTYPES, check_sources, first_line, load_model_dir, load_models, load_student, model_config
+from ..io.models import DTYPES, check_sources, first_line, load_model_dir, load_models, model_config, student_skeleton
 from ..io.rundir import DiskError, Replacement, RunLock, check_run_dir, create_run_dir, marker, write_failure, write_json_atomic, write_text_atomic
 from ..policy import build_student_quant, dry_run_quant, freeze_due, freeze_layers, schedule_transitions
 from ..quant.apply import set_fake_quant
@@ -598,17 +599,25 @@ def checkpoint(run: Run) -> None:
 
 
 def write_final(run: Run) -> None:
-    """final/: the full state (gathered when sharded) loaded into a fresh copy of the student on
-    the main process, dequantized and saved in plain HF layout (``qat.io.final``)."""
+    """final/: the full state (gathered when sharded) put into the student's structure on the main
+    process, dequantized and saved in plain HF layout (``qat.io.final``). The structure is built
+    on the meta device and takes the gathered tensors as they are (``assign``): no second copy
+    of the weights, nothing read from disk, and no qparam search (the trained qparams are in the
+    state)."""
     recipe, acc = run.recipe, run.accelerator
     state = acc.get_state_dict(run.student)
     if recipe.train.compile:  # torch.compile's wrapper prefixes every key
         state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
     if run.main:
-        final = load_student(recipe, run.config)
+        final = student_skeleton(recipe, run.config)
         build_student_quant(final, recipe, at_step=run.step)  # a delayed freeze in force at the end included
         final = apply_lora(final, recipe, init=False)
-        final.load_state_dict(state)
+        final.load_state_dict(state, assign=True)
+        trained = acc.unwrap_model(run.student)
+        trained = getattr(trained, "_orig_mod", trained)
+        base = final.get_base_model() if hasattr(final, "get_base_model") else final  # a PeftModel: its model
+        base.generation_config = copy.deepcopy(trained.generation_config)
+        base.tie_weights()  # assign=True left tied names as two tensors
         try:
             with writing_final(run.out / "final") as tmp:  # atomic: a failed write leaves no partial final/
                 save_lora_final(final, run.tokenizer, tmp, DTYPES[run.save_dtype], forward_param_dtype(acc))  # peft: merged and re-quantized, or adapter/
