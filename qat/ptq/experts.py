@@ -114,10 +114,11 @@ def per_expert_plan(model: nn.Module, plan: dict[str, QuantScheme]) -> dict[str,
 
 @contextmanager
 def experts_as_linears(model: nn.Module, fused: list[str], plan: dict[str, QuantScheme]):
-    """(``plan``: per expert, as ``per_expert_plan`` writes it.) Replace the experts modules holding ``fused`` tensors by ``ExpertsAsLinears`` views for the
+    """Replace the experts modules holding ``fused`` tensors by ``ExpertsAsLinears`` views for the
     duration; on exit stack the per-expert results back into the fused tensors (fixed
     ``QATExpertWeight``s with their qparams, ``ptq_latent`` when every expert has one) and put
-    the experts modules back. Yields ``{experts module name: view}``."""
+    the experts modules back. ``plan``: per expert, as ``per_expert_plan`` writes it. Yields
+    ``{experts module name: view}``."""
     by_module: dict[str, list[str]] = {}
     for n in fused:
         mod, _, pname = n.rpartition(".")
