@@ -101,7 +101,7 @@ def _pack_experts(src: ExportSource) -> dict[str, dict[str, Tensor]]:
 def write_compressed_tensors(src: ExportSource, out: Path) -> dict:
     """Write ``src`` to ``out`` in compressed-tensors ``pack-quantized`` (consumes ``src.model``).
     Fused MoE experts are written as the per-expert modules of the checkpoint layout
-    (``qat/export/experts.py``), as llm-compressor writes them and vLLM's MoE loader reads them."""
+    (``qat/io/layout.py``), as llm-compressor writes them and vLLM's MoE loader reads them."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import apply_quantization_config
 
@@ -144,7 +144,7 @@ def write_compressed_tensors(src: ExportSource, out: Path) -> dict:
     # is not written: transformers 5.23's load-time dequantizer applies one config group's scheme
     # to every dense layer (`get_dense_scheme`), while the default path handles each group.
     notes = {}
-    if len({_scheme_key(i) for i in src.layers.values()}) == 1 and (not experts or src.layers[next(iter(experts))]["symmetric"]):
+    if len({_scheme_key(i) for i in src.layers.values()}) == 1:
         cfg_path = out / "config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg["quantization_config"]["dequantize"] = True
