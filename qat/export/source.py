@@ -38,7 +38,7 @@ class ExportSource:
     adapter_dir: Path | None = None
     notes: dict = field(default_factory=dict)
     any_bits: bool = False  # pack int2/int3 too (compressed-tensors; not servable by vLLM)
-    # fused expert tensor -> {per-expert module of the checkpoint layout: its rows} (export/experts.py)
+    # fused expert tensor -> {per-expert module of the checkpoint layout: its rows} (qat/io/layout.py)
     expert_rows: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     def stored_names(self, names) -> list[str]:
