@@ -181,6 +181,10 @@ class QuantSection(_Section):
     kernel: Literal["auto", "eager", "compile"] = Field(
         "auto", description="fake-quant implementation: auto = compiled (fused) on CUDA, eager elsewhere; same values bit for bit"
     )
+    recompute: bool = Field(
+        True, description="recompute each layer's fake-quantized weight in backward instead of keeping it: no weight-sized tensor "
+        "per layer in the activation memory, for one more fake-quant pass per step; false keeps it (faster, more memory)"
+    )
     targets: list[str] | None = Field(None, description="regexes (re.search on qualified names) of the Linear layers to quantize; null: every Linear and fused MoE expert tensor inside the transformer blocks (layers.N. / h.N. / blocks.N.) but the MoE routers (.gate, .router, .shared_expert_gate), so lm_head, embeddings and routers stay in full precision")
     ignore: list[str] = Field([], description="regexes of layers to leave in full precision")
     overrides: list[QuantOverride] = Field([], description="mixed precision: a list of {pattern, bits, group_size, per_channel, symmetric, learnable, grid}, first match wins; a key left out takes the recipe's value, or where that is null too the default of the override's own bits")

@@ -16,6 +16,7 @@ from conftest import make_tiny_llama
 from torch import nn
 
 from qat.quant import QATLinear, QuantScheme, fused, quantize_model
+from qat.quant.apply import set_recompute
 
 SCHEMES = {
     "w4g32sym": QuantScheme(bits=4, group_size=32),
@@ -158,6 +159,28 @@ def test_a_qat_layer_saves_for_backward_no_more_than_a_linear(scheme, kernel, au
     x_bytes = 4 * 64 * (2 if autocast else 4)
     assert _saved_bytes(layer, kernel, autocast) == x_bytes
     assert _saved_bytes(plain, kernel, autocast) == x_bytes + (2 * plain.weight.numel() if autocast else 0)
+    layer.recompute = False  # quant.recompute: false keeps the quantized weight (and more) instead
+    assert _saved_bytes(layer, kernel, autocast) >= x_bytes + 2 * layer.weight.numel()
+
+
+@pytest.mark.parametrize("learnable", [False, True])
+def test_recomputing_the_weight_in_backward_gives_the_same_gradients(learnable):
+    """quant.recompute on and off: the same loss and every gradient bit for bit (bf16 autocast)."""
+    base = make_tiny_llama()
+    quantize_model(base, QuantScheme(bits=4, group_size=32, learnable=learnable))
+    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    fused.set_kernel("eager")
+    results = []
+    for recompute in (True, False):
+        model = copy.deepcopy(base).train()
+        set_recompute(model, recompute)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (la, ga), (lb, gb) = results
+    assert torch.equal(la, lb) and ga.keys() == gb.keys() and len(ga) > 0
+    assert all(torch.equal(ga[n], gb[n]) for n in ga)
 
 
 def test_kernel_choice():

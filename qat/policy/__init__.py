@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from ..io.models import first_line
 from ..quant import QuantReport, apply_freeze, quantize_model
-from ..quant.apply import reinit_qparams, set_fake_quant, set_kernel
+from ..quant.apply import reinit_qparams, set_fake_quant, set_kernel, set_recompute
 from ..quant.freeze import OV_PATTERNS
 from ..quant.scheme import QuantConfigError, QuantScheme
 from ..recipe import Recipe, RecipeError
@@ -102,6 +102,7 @@ def build_student_quant(model: nn.Module, recipe: Recipe, init: bool = False, at
         q = recipe.quant
         report = quantize_model(model, q.scheme(), q.targets, q.ignore, q.layer_schemes())
         set_kernel(model, q.kernel)  # this model's layers only: no process-wide state
+        set_recompute(model, q.recompute)
         if init and q.init_from is not None:
             print(load_quantized_start(model, q.init_from))
     frozen = freeze_layers(model, recipe) if freeze_due(recipe, at_step) else []

@@ -302,6 +302,12 @@ def reinit_qparams(model: nn.Module) -> int:
     return n
 
 
+def set_recompute(model: nn.Module, recompute: bool) -> None:
+    """``quant.recompute`` for every QATLinear of ``model``."""
+    for m in qat_linears(model).values():
+        m.recompute = recompute
+
+
 def set_kernel(model: nn.Module, kernel: str) -> int:
     """Choose the fake-quant implementation (``fused.KERNELS``) of every QATLinear in ``model``
     (the recipe's ``quant.kernel``); returns how many layers."""

@@ -71,6 +71,7 @@ class QuantizedWeight:
 class QATLinear(nn.Linear):
     quant_enabled = True  # False: forward is the plain Linear (fixed/frozen layers stay on their grid)
     kernel: str | None = None  # fake-quant implementation (fused.KERNELS); None: the process default
+    recompute = True  # quant.recompute: the quantized weight recomputed in backward (False: kept, as F.linear keeps it)
 
     def __init__(self, in_features: int, out_features: int, bias: bool, scheme: QuantScheme, **kw):
         super().__init__(in_features, out_features, bias=bias, **kw)
@@ -141,6 +142,8 @@ class QATLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         if self.scheme.act_bits is not None:
             x = fake_quantize_activation(x, self.scheme.act_bits)
+        if not self.recompute:
+            return F.linear(x, self.forward_weight(x.device.type), self.bias)
         params = [p for n, p in self._parameters.items() if p is not None and p.requires_grad and n != "bias"]
         return _RecomputedLinear.apply(x, self.bias, self, x.device.type, *params)
 
