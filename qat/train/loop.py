@@ -603,7 +603,9 @@ def write_final(run: Run) -> None:
     process, dequantized and saved in plain HF layout (``qat.io.final``). The structure is built
     on the meta device and takes the gathered tensors as they are (``assign``): no second copy
     of the weights, nothing read from disk, and no qparam search (the trained qparams are in the
-    state)."""
+    state). In one process the state's tensors are the student's own: only a merged LoRA adapter
+    is written into them in place (``merge_lora_``), after the last step, when the student's
+    weights are no longer used."""
     recipe, acc = run.recipe, run.accelerator
     state = acc.get_state_dict(run.student)
     if recipe.train.compile:  # torch.compile's wrapper prefixes every key
