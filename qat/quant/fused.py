@@ -99,8 +99,8 @@ def _compiled(name: str):
 
 
 def _run(name: str, compiled: bool, *args):
-    if compiled:
-        return _compiled(name)(*args)
+    if compiled:  # detached: called inside an autograd.Function, whose inputs' requires_grad would only multiply the compiled variants
+        return _compiled(name)(*(a.detach() if isinstance(a, Tensor) else a for a in args))
     return globals()["_" + name](*args)
 
 
