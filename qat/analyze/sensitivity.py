@@ -28,7 +28,7 @@ from collections import defaultdict
 import torch
 
 from ..deps import available
-from ..evaluate.diagnostic import layer_output_errors
+from ..evaluate.diagnostic import layer_output_errors, mean_error
 from ..quant.apply import fake_quantized, planned_weight
 from . import RANK_KEYS
 from .setup import layer_depth, layer_type, mean_nll, quantized, squared_grads
@@ -55,11 +55,6 @@ def quantized_weights(model, plan, names) -> dict[str, torch.Tensor]:
     """The on-grid weight (fp32) each named layer has when fake-quantized with its plan scheme."""
     with fake_quantized(model, {n: plan[n] for n in names}) as layers:
         return {n: layer.on_grid_weight(torch.float32) for n, layer in layers.items()}
-
-
-def _mean(values: list[float]) -> float:
-    vals = [v for v in values if v == v]
-    return sum(vals) / len(vals) if vals else float("nan")
 
 
 def _norm(t: torch.Tensor) -> float:
@@ -146,7 +141,7 @@ def analyze(setup, batch_size: int, per_depth: bool = True, rank_by: str = "grad
             "delta_nll": d_type[t],
             "delta_nll_per_mparam": d_type[t] / (n_params / 1e6),
             "calib_loss_only": grads["calib_loss"]["only"][t],
-            "output_error_mean": _mean([r["output_error"] for r in rows]),
+            "output_error_mean": mean_error({r["name"]: r["output_error"] for r in rows}),  # nan (experts) left out
             "grad_ratio_only_mean": sum(r["grad_ratio_only"] for r in rows) / len(rows),
             "grad_ratio_all_mean": sum(r["grad_ratio_all"] for r in rows) / len(rows),
             "grad_error_only_mean": sum(r["grad_error_only"] for r in rows) / len(rows),

@@ -16,7 +16,7 @@ from ..io.layout import checkpoint_names, drop_fused, rows_of
 from ..quant.apply import DEFAULT_TARGETS
 from ..quant.grid import dequantize
 from ..quant.linear import QuantizedWeight
-from .packing import check_compressed_tensors, check_no_experts, check_gptq_layers, check_gptq_schemes, pack_rows, unsigned_codes, zero_points
+from .packing import check_compressed_tensors, check_gptq_layers, check_gptq_schemes, pack_rows, unsigned_codes, zero_points
 from .source import _MODEL_FILES, ExportError, ExportSource, _scheme_key
 
 FORMATS = ("compressed-tensors", "gptq", "fake")
@@ -208,8 +208,7 @@ def add_weight_files(out: Path, tensors: list[dict[str, Tensor]]) -> None:
 @torch.no_grad()
 def write_gptq(src: ExportSource, out: Path) -> dict:
     """Write ``src`` to ``out`` in the GPTQ v1 layout (symmetric, one scheme for every block Linear)."""
-    bits, g = check_gptq_schemes(src.layers)
-    check_no_experts(list(src.expert_rows))
+    bits, g = check_gptq_schemes(src.layers)  # fused experts refused there
     check_gptq_layers(src.layers, src.model)
     model = src.model
     for name, qw in src.qweights.items():

@@ -159,9 +159,9 @@ def check_experts(layers: dict[str, dict]) -> None:
         )
 
 
-def check_no_experts(layers) -> None:
+def check_no_experts(layers: dict[str, dict]) -> None:
     """GPTQ v1 checkpoints hold Linear layers; fused MoE experts go to compressed-tensors."""
-    experts = [n for n in layers if (layers[n] or {}).get("experts")] if isinstance(layers, dict) else list(layers)
+    experts = [n for n, i in layers.items() if i.get("experts")]
     if experts:
         raise ExportError(
             f"gptq: {len(experts)} quantized tensors are fused MoE experts (e.g. {experts[0]}); qat writes them as "

@@ -111,11 +111,6 @@ def recover_codes(w: Tensor, scale: Tensor, zero: Tensor, scheme: QuantScheme, d
     return codes
 
 
-def is_expert_tensor(model: nn.Module, name: str) -> bool:
-    parent, _, attr = name.rpartition(".")
-    return attr in model.get_submodule(parent)._parameters
-
-
 def _final_dtype(final_dir: Path, qparams: dict[str, Tensor]) -> torch.dtype:
     if qparams:
         return next(iter(qparams.values())).dtype  # scales are stored in final/'s dtype

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..deps import available
+from ..io.rundir import first_line
 from .merge import _logits
 
 GPTQ_LOADER = ("optimum", "gptqmodel")  # what transformers' GPTQ loader imports (gptqmodel 7.7 wants torch >= 2.14.1)
@@ -56,7 +57,7 @@ def verify_export(out: Path, fmt: str, final: Path, merged: bool = False) -> dic
         model, report = AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. a conversion that cannot stack what it found
         return {"what": what, "max_abs_diff": float("nan"), "identical": False,
-                "load_problems": f"transformers could not load it: {str(e).strip().splitlines()[0]}"}
+                "load_problems": f"transformers could not load it: {first_line(e)}"}
     d = (_logits(model.eval(), ids) - _logits(ref, ids)).abs().max().item()
     res = {"what": what, "max_abs_diff": d, "identical": d == 0.0}
     problems = load_problems(report)

@@ -126,21 +126,23 @@ def check_sources(recipe: Recipe, config, tokenizer) -> None:
                               "distillation needs the same vocabulary (a teacher of the same model family and tokenizer)")
 
 
+def _student_kw(recipe: Recipe) -> dict:
+    m = recipe.model
+    return dict(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation, dtype=DTYPES[m.dtype])
+
+
 def load_student(recipe: Recipe, config) -> nn.Module:
     m = recipe.model
-    kw = dict(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation, dtype=DTYPES[m.dtype])
     if m.path is not None:
-        return AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, **kw)
-    return AutoModelForCausalLM.from_config(config, **kw)
+        return AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, **_student_kw(recipe))
+    return AutoModelForCausalLM.from_config(config, **_student_kw(recipe))
 
 
 def student_skeleton(recipe: Recipe, config) -> nn.Module:
     """The student's structure on the meta device: no memory, nothing read from disk. ``final/``
     is built on it from the trained state (``load_state_dict(..., assign=True)``)."""
-    m = recipe.model
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation,
-                                                dtype=DTYPES[m.dtype])
+        return AutoModelForCausalLM.from_config(config, **_student_kw(recipe))
 
 
 def load_teacher(recipe: Recipe, device: torch.device | str | None = None) -> nn.Module:
