@@ -373,9 +373,10 @@ class TrainSection(_Section):
         None, description="null: the launch configuration's (accelerate launch --mixed_precision / its config file), else no; "
         "set in both and different: the run stops naming both"
     )
-    collective_timeout_s: int = Field(
-        7200, gt=0, description="seconds a process waits at a collective (the process group's timeout): it must cover the "
-        "longest step only the main process does, writing final/ (minutes at 7B); a rank that waits longer says what it waited for"
+    collective_timeout_s: int | None = Field(
+        None, gt=0, description="seconds a process waits at a collective (the process group's timeout): it must cover the "
+        "longest step only the main process does (reading the models, writing final/); null: 1800 plus 1 s per 10 MB of "
+        "model.path's weight files; a rank that waits longer says what it waited for"
     )
     activation_checkpointing: bool = Field(False, description="recompute each block's activations in the backward (less memory, about a third more compute)")
     compile: bool = Field(False, description="torch.compile the student (inductor) after Accelerate wraps it; pays off on GPUs")

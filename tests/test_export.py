@@ -229,6 +229,31 @@ def test_final_defaults_to_the_source_checkpoint_dtype(tmp_path):
     assert {t.dtype for t in load_file(str(fp32 / "final" / "model.safetensors")).values()} == {torch.float32}
 
 
+def test_sharded_final_reloads_evaluates_and_exports_as_one_file(runs, tmp_path, monkeypatch):
+    """final/ above the shard size is numbered shards + index (as hub checkpoints ship): the same
+    run written in 200 KB shards loads to the same weights, evaluates to the same perplexity and
+    exports to the same compressed-tensors model as the one-file final/."""
+    import qat.io.final
+
+    one = runs(4, 64, True)
+    monkeypatch.setattr(qat.io.final, "SHARD_SIZE", "200KB")
+    out = tmp_path / "sharded"
+    args = ["train", TINY_RECIPE, f"output_dir={out}", *_paths(), *QUICK, *NO_TEACHER, "quant.bits=4", "quant.group_size=64",
+            "quant.symmetric=true", "model.save_dtype=float32"]
+    assert main(args) == 0
+    final = out / "final"
+    shards = sorted(p.name for p in final.glob("model-*.safetensors"))
+    index = json.loads((final / "model.safetensors.index.json").read_text())
+    assert len(shards) >= 5 and not (final / "model.safetensors").exists()
+    assert sorted(set(index["weight_map"].values())) == shards
+    a, b = load(one / "final").state_dict(), load(final).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ev = lambda run: json.loads((run / "eval.json").read_text())["student"]  # noqa: E731
+    assert ev(out)["ppl"] == ev(one)["ppl"] and ev(out)["tokens"] == ev(one)["tokens"]
+    assert export(out, tmp_path / "ct-sharded") == 0 and export(one, tmp_path / "ct-one") == 0
+    assert torch.equal(logits(load(tmp_path / "ct-sharded")), logits(load(tmp_path / "ct-one")))
+
+
 def test_verify_flag_and_overwrite(runs, tmp_path, capsys):
     run = runs(4, 64, True)
     assert export(run, tmp_path / "ct", "compressed-tensors", "--verify") == 0

@@ -43,6 +43,14 @@ COMMON = [  # 64 training blocks of 128 tokens; 15 validation blocks (1920 token
 # checkpoint of step QAT_TEST_KILL_AFTER is complete, as a crash or a preemption would.
 KILLER = '''
 import os, signal
+if "RANK" in os.environ and os.environ.get("QAT_TEST_LOADS"):  # which rank read which model's weights
+    import transformers
+    _load = transformers.AutoModelForCausalLM.from_pretrained.__func__
+    def _logged(cls, path, *args, **kwargs):
+        with open(os.environ["QAT_TEST_LOADS"], "a") as f:
+            f.write(f"{os.environ['RANK']} {os.path.basename(str(path))}\\n")
+        return _load(cls, path, *args, **kwargs)
+    transformers.AutoModelForCausalLM.from_pretrained = classmethod(_logged)
 if "RANK" in os.environ and os.environ.get("QAT_TEST_KILL_AFTER"):
     import qat.train.loop as loop
     _save, _at = loop.save_checkpoint, int(os.environ["QAT_TEST_KILL_AFTER"])
@@ -62,6 +70,7 @@ def launch_fsdp(out: Path, tmp: Path, kill_after: int | None = None) -> subproce
            "PYTHONPATH": os.pathsep.join([str(tmp / "killer"), str(REPO), os.environ.get("PYTHONPATH", "")])}
     if kill_after is not None:
         env["QAT_TEST_KILL_AFTER"] = str(kill_after)
+    env["QAT_TEST_LOADS"] = str(out.parent / f"{out.name}.loads")
     return subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/cpu-2proc-fsdp2.yaml"),
          "-m", "qat", "train", TINY, f"output_dir={out}", *COMMON, "train.micro_batch_size=2"],
@@ -98,6 +107,15 @@ def test_the_run_really_is_sharded(runs):
     assert shards == ["__0_0.distcp", "__1_0.distcp"], shards
     assert not (ckpt / "model.safetensors").exists()
     assert json.loads((runs["whole"] / "eval.json").read_text())["processes"] == 2
+
+
+def test_weights_are_read_once_by_the_main_process(runs):
+    """Student, teacher and, for the closing evaluation, final/: read by rank 0 alone (rank 1 builds
+    their structure and takes its shards from rank 0's broadcast), in every launch."""
+    loads = (runs["tmp"] / "whole.loads").read_text().split("\n")
+    loads = [line.split() for line in loads if line]
+    assert [rank for rank, _ in loads] == ["0"] * len(loads), loads
+    assert sorted(name for _, name in loads) == ["final", "llama-tiny", "llama-tiny"], loads  # student, teacher, final/
 
 
 def test_killed_and_resumed_sharded_run_is_bit_identical(runs):

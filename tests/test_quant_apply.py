@@ -12,7 +12,6 @@ from qat.quant import (
     OV_PATTERNS,
     QATLinear,
     QuantConfigError,
-    QuantizedWeight,
     QuantScheme,
     apply_freeze,
     dequantize_model,
@@ -189,7 +188,9 @@ def _check_logits_equal_plain_on_grid(model, scheme, ids, n_layers):
     layers = dequantize_model(deq)
     assert set(layers) == set(report.layers) and not qat_linears(deq)
     for name, info in layers.items():
-        assert isinstance(info["_qweight"], QuantizedWeight)
+        scale, zero = info["_qparams"]
+        qw = model.get_submodule(name).quantized_weight()
+        assert torch.equal(scale, qw.scale) and torch.equal(zero, qw.zero_point)
         assert info["bits"] == scheme.bits and info["group_size"] == scheme.group_size
         assert info["symmetric"] == scheme.symmetric and info["frozen"] is False
         w = deq.get_submodule(name).weight
@@ -225,7 +226,7 @@ def test_dequantize_model_bf16_scales(tiny_llama):
     for name, w in expected.items():
         layer = tiny_llama.get_submodule(name)
         assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, w)
-        assert layers[name]["_qweight"].scale.dtype == torch.bfloat16
+        assert layers[name]["_qparams"][0].dtype == layers[name]["_qparams"][1].dtype == torch.bfloat16
 
 
 def test_dequantize_model_after_freeze_reports_frozen(tiny_llama):

@@ -17,6 +17,7 @@ from qat.quant.grid import (
     group_view,
     minmax_qparams,
     mse_clip_ratio,
+    on_grid,
     qrange,
     quantize,
     round_ste,
@@ -509,11 +510,15 @@ def test_constant_group(bits, symmetric, c):
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
-def test_non_finite_weights_raise(bad):
+@pytest.mark.parametrize("symmetric,group,seq", [(True, 8, False), (False, 8, False), (False, None, True), (True, None, False)])
+def test_non_finite_weights_raise(bad, symmetric, group, seq):
+    """Checked on the qparams (a bad weight makes its group's scale non-finite), named by count."""
     w = torch.randn(4, 16)
     w[2, 5] = bad
     with pytest.raises(ValueError, match=r"1 non-finite \(inf/NaN\) values"):
-        minmax_qparams(w, 4, 8, True)
+        minmax_qparams(w, 4, group, symmetric, seq=seq)
+    with pytest.raises(ValueError, match=r"1 non-finite \(inf/NaN\) values"):
+        minmax_qparams(w, 4, group, symmetric, torch.full((4, 16 // (group or 16)), 0.7), seq=seq)
     with pytest.raises(ValueError, match="non-finite"):
         mse_clip_ratio(w, 4, 8, False)
 
@@ -597,3 +602,21 @@ def test_seq_needs_asymmetric_codes():
     s = QuantScheme(bits=2, symmetric=False, learnable=True, grid="seq")
     assert s.seq and not s.trains_zero_point
     assert QuantScheme(bits=2, symmetric=False, learnable=True).trains_zero_point
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("symmetric,group,seq", [(True, 32, False), (False, 32, False), (False, None, True), (True, None, False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_on_grid_is_dequantize_of_quantize(bits, symmetric, group, seq, dtype):
+    """final/'s weights without the int32 codes: bit-identical to dequantize(quantize()) with the
+    qparams as stored (rounded to the checkpoint's dtype), leading expert dimension included."""
+    torch.manual_seed(bits)
+    for shape in ((24, 64), (3, 8, 64)):
+        w = torch.randn(*shape) * 0.05
+        scale, zero = minmax_qparams(w, bits, group, symmetric, 0.9, seq)
+        codes = quantize(w, scale, zero, bits, symmetric, group)
+        sd, zd = scale.to(dtype), zero.to(dtype)
+        want = dequantize(codes, sd, zd, group, dtype)
+        got = on_grid(w, scale, zero, bits, symmetric, group, sd, zd, dtype)
+        assert got.dtype == dtype and got.shape == w.shape
+        assert torch.equal(got, want)

@@ -119,3 +119,21 @@ def test_a_rank_waiting_past_the_collective_timeout_says_for_what(tmp_path):
     assert proc.returncode != 0, out[-3000:]
     assert ("qat: training stopped: rank 1 waited past the collective timeout for the main process writing final/; "
             "if that step is only slow at this model size, raise train.collective_timeout_s") in out, out[-3000:]
+
+
+def test_the_default_collective_timeout_grows_with_the_model(tmp_path):
+    """null: 1800 s plus 1 s per 10 MB of model.path's weight files (what the main process alone
+    reads and writes); a from-scratch model gets 1800 s; a set value is taken as it is."""
+    from qat.recipe import load_recipe
+    from qat.train.tracking import collective_timeout
+
+    model = tmp_path / "model"
+    model.mkdir()
+    for i, size in enumerate((6_000_000_000, 10_000_000_000)):  # sparse files: no disk used
+        with open(model / f"model-0000{i + 1}-of-00002.safetensors", "wb") as f:
+            f.truncate(size)
+    (model / "notes.bin").write_bytes(b"x" * 1000)  # not a weight file
+    recipe = load_recipe(PRETRAIN, ["model.config=null", f"model.path={model}"], check_files=False)
+    assert collective_timeout(recipe) == 1800 + 1600
+    assert collective_timeout(load_recipe(PRETRAIN)) == 1800
+    assert collective_timeout(load_recipe(PRETRAIN, ["train.collective_timeout_s=90"])) == 90

@@ -46,6 +46,7 @@ QPARAMS_FILE = f"{SIDE_DIR}/qparams.safetensors"
 ADAPTER_DIR = "adapter"  # a PEFT adapter beside the on-grid base (LoRA-QAT, QERA)
 SCALES_FILE = f"{SIDE_DIR}/scales.safetensors"  # per-channel factors PTQ folded into layers (AWQ)
 LATENT_FILE = f"{SIDE_DIR}/latent.safetensors"  # GPTQ's pre-rounding weights: where quant.init_from starts QAT
+SHARD_SIZE = "5GB"  # final/'s weight files: numbered shards of at most this, with an index, as hub checkpoints ship
 LEGACY = {QPARAMS_FILE: "qat_qparams.safetensors", SCALES_FILE: "qat_scales.safetensors", LATENT_FILE: "qat_latent.safetensors"}
 
 
@@ -82,14 +83,14 @@ def save_final(model: nn.Module, tokenizer, out_dir: Path, dtype: torch.dtype, p
     layers = dequantize_model(model, dtype, param_dtype)
     model.to(dtype)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    model.save_pretrained(out_dir, safe_serialization=True, max_shard_size=SHARD_SIZE)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
     qparams = {}
     for name, info in layers.items():
-        qw = info.pop("_qweight")
-        qparams[f"{name}.weight_scale"] = qw.scale.contiguous().cpu()
-        qparams[f"{name}.weight_zero_point"] = qw.zero_point.contiguous().cpu()
+        scale, zero = info.pop("_qparams")
+        qparams[f"{name}.weight_scale"] = scale.contiguous().cpu()
+        qparams[f"{name}.weight_zero_point"] = zero.contiguous().cpu()
     write_quant_files(out_dir, layers, qparams)
     return layers
 

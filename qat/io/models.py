@@ -131,8 +131,23 @@ def _student_kw(recipe: Recipe) -> dict:
     return dict(trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation, dtype=DTYPES[m.dtype])
 
 
-def load_student(recipe: Recipe, config) -> nn.Module:
+def empty_model(config, **kw) -> nn.Module:
+    """A model's structure with its parameters on the meta device and its buffers real (rotary
+    tables and the like, which no state dict carries): what an FSDP2 process other than the main
+    one builds, to be filled by the main process's broadcast (Accelerate's
+    ``cpu_ram_efficient_loading``)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return AutoModelForCausalLM.from_config(config, **kw)
+
+
+def load_student(recipe: Recipe, config, weights: bool = True) -> nn.Module:
+    """The student in ``model.dtype``: ``model.path``'s weights, or a from-scratch model;
+    ``weights=False``: its structure only (``empty_model``)."""
     m = recipe.model
+    if not weights:
+        return empty_model(config, **_student_kw(recipe))
     if m.path is not None:
         return AutoModelForCausalLM.from_pretrained(m.path, revision=m.revision, **_student_kw(recipe))
     return AutoModelForCausalLM.from_config(config, **_student_kw(recipe))
@@ -145,27 +160,38 @@ def student_skeleton(recipe: Recipe, config) -> nn.Module:
         return AutoModelForCausalLM.from_config(config, **_student_kw(recipe))
 
 
-def load_teacher(recipe: Recipe, device: torch.device | str | None = None) -> nn.Module:
+def load_teacher(recipe: Recipe, device: torch.device | str | None = None, weights: bool = True) -> nn.Module:
     """The frozen teacher (``teacher.path``, default the original ``model.path``) in
-    ``teacher.dtype``, eval mode, no gradients. The one place a teacher is loaded."""
+    ``teacher.dtype``, eval mode, no gradients. The one place a teacher is loaded.
+    ``weights=False``: its structure only (``empty_model``)."""
     m = recipe.model
     revision = m.revision if recipe.teacher_path == m.path else None  # the revision names the student's checkpoint
-    teacher = AutoModelForCausalLM.from_pretrained(
-        recipe.teacher_path,
-        revision=revision,
-        dtype=DTYPES[recipe.teacher.dtype if recipe.teacher is not None else "float32"],
-        trust_remote_code=m.trust_remote_code,
-        attn_implementation=m.attn_implementation,
-    )
+    kw = dict(dtype=DTYPES[recipe.teacher.dtype if recipe.teacher is not None else "float32"],
+              trust_remote_code=m.trust_remote_code, attn_implementation=m.attn_implementation)
+    if weights:
+        teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher_path, revision=revision, **kw)
+    else:
+        config = AutoConfig.from_pretrained(recipe.teacher_path, revision=revision, trust_remote_code=m.trust_remote_code)
+        teacher = empty_model(config, **kw)
     if device is not None:
         teacher.to(device)
     return teacher.eval().requires_grad_(False)
 
 
-def load_models(recipe: Recipe, config, with_teacher: bool = True):
-    student = load_student(recipe, config)
-    teacher = load_teacher(recipe) if recipe.teacher is not None and with_teacher else None
+def load_models(recipe: Recipe, config, with_teacher: bool = True, weights: bool = True):
+    student = load_student(recipe, config, weights)
+    teacher = load_teacher(recipe, weights=weights) if recipe.teacher is not None and with_teacher else None
     return student, teacher
+
+
+def empty_model_dir(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
+    """``load_model_dir``'s model (no adapter) as structure only (``empty_model``), in eval mode,
+    no gradients: filled by a broadcast of the main process's copy."""
+    path = Path(path)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    model = empty_model(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    add_activation_quant(model, {n: info.get("act_bits") for n, info in load_quant_layers(path).items()})
+    return model.eval().requires_grad_(False)
 
 
 def load_model_dir(path: str | Path, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False):

@@ -94,16 +94,19 @@ def _quant_error_key(msg: str, recipe: Recipe) -> str:
     return "quant"
 
 
-def build_student_quant(model: nn.Module, recipe: Recipe, init: bool = False, at_step: float = 0) -> tuple[QuantReport | None, list[str]]:
+def build_student_quant(model: nn.Module, recipe: Recipe, init: bool = False, at_step: float = 0,
+                        ratios: dict[str, torch.Tensor] | None = None) -> tuple[QuantReport | None, list[str]]:
     """Wrap the Linears (and with ``init``, load ``quant.init_from``: the real student only), then
-    freeze the layers whose freeze is in force at the top of step ``at_step`` (see ``freeze_due``)."""
+    freeze the layers whose freeze is in force at the top of step ``at_step`` (see ``freeze_due``).
+    ``ratios``: the MSE clip search's results (``search.clip_ratios``; ``{}``: no search, the
+    qparams are loaded next); None: each layer searches its own."""
     report = None
     if recipe.quant is not None:
         q = recipe.quant
-        report = quantize_model(model, q.scheme(), q.targets, q.ignore, q.layer_schemes())
+        report = quantize_model(model, q.scheme(), q.targets, q.ignore, q.layer_schemes(), ratios)
         set_kernel(model, q.kernel)  # this model's layers only: no process-wide state
         set_recompute(model, q.recompute)
-        if init and q.init_from is not None:
+        if init and q.init_from is not None and not next(model.parameters()).is_meta:  # the structure on the meta device: broadcast later
             print(load_quantized_start(model, q.init_from))
     frozen = freeze_layers(model, recipe) if freeze_due(recipe, at_step) else []
     return report, frozen

@@ -103,8 +103,11 @@ def quantize_model(
     targets: list[str] | tuple[str, ...] | None = None,
     ignore: list[str] | tuple[str, ...] | None = None,
     layer_schemes: list[tuple[str, QuantScheme]] | None = None,
+    ratios: dict[str, Tensor] | None = None,
 ) -> QuantReport:
     """Replace matching ``nn.Linear`` modules in place by ``QATLinear`` (sharing their weights).
+    ``ratios``: the clip ratios of the MSE search, run beforehand (``qat.policy.search``); a
+    layer missing from it starts at ratio 1 (min-max). None: each layer searches its own.
 
     Raises ``QuantConfigError`` if a pattern matches no Linear layer, or a scheme cannot be
     applied to a layer (e.g. group size not dividing in_features; the error names the layer).
@@ -147,13 +150,14 @@ def quantize_model(
             check_expert_scheme(s, name, experts[name][0]._parameters[experts[name][1]].shape[-1])
         else:
             s.check_layer(name, linears[name].in_features)
+    given, search = ratios or {}, ratios is None
     for name, s in chosen.items():
         if name in experts:
             module, pname = experts[name]
-            report.experts[name] = wrap_expert_tensor(module, pname, s, name).num_experts
+            report.experts[name] = wrap_expert_tensor(module, pname, s, name, given.get(name), search).num_experts
         else:
             parent, attr = _parent(model, name)
-            setattr(parent, attr, QATLinear.from_linear(getattr(parent, attr), s, name))
+            setattr(parent, attr, QATLinear.from_linear(getattr(parent, attr), s, name, given.get(name), search))
         report.layers[name] = s
     _count_block_weights(model, report)
     return report
@@ -225,17 +229,17 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, param_d
     (scales rounded to ``dtype`` first when given, so the weights are exactly what a kernel
     reading a ``dtype`` checkpoint computes; ``param_dtype``: the dtype the training forward saw
     the parameters in, under FSDP2 mixed precision). Returns, per layer, the layer description
-    for ``qat_quant.json`` plus its ``QuantizedWeight`` under ``"_qweight"``."""
+    for ``qat_quant.json`` plus its stored ``(scale, zero_point)`` under ``"_qparams"``."""
     layers = {}
     for name, layer in qat_linears(model).items():
-        qw = layer.quantized_weight(dtype, param_dtype)
+        weight, scale, zero = layer.written_weight(dtype, param_dtype)
         target_dtype = dtype or layer.weight.dtype
         parent, attr = _parent(model, name)
         if isinstance(layer, QATExpertWeight):
-            unwrap_expert_tensor(parent, attr, qw.dequantize(target_dtype))
+            unwrap_expert_tensor(parent, attr, weight)
         else:
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
-            plain.weight = nn.Parameter(qw.dequantize(target_dtype), requires_grad=False)
+            plain.weight = nn.Parameter(weight, requires_grad=False)
             if layer.bias is not None:
                 plain.bias = nn.Parameter(layer.bias.detach().to(target_dtype), requires_grad=False)
             setattr(parent, attr, plain)
@@ -248,7 +252,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None, param_d
             "frozen": layer.frozen,
             "act_bits": s.act_bits,
             **({"experts": layer.num_experts, "shape": list(layer.weight.shape)} if isinstance(layer, QATExpertWeight) else {}),
-            "_qweight": qw,
+            "_qparams": (scale, zero),
         }
     return layers
 

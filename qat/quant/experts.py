@@ -32,7 +32,7 @@ class QATExpertWeight(QATLinear):
     num_experts: int
 
     @classmethod
-    def from_param(cls, param: nn.Parameter, scheme: QuantScheme, name: str) -> "QATExpertWeight":
+    def from_param(cls, param: nn.Parameter, scheme: QuantScheme, name: str, ratio: Tensor | None = None, search: bool = True) -> "QATExpertWeight":
         check_expert_scheme(scheme, name, param.shape[-1])
         check_finite(param.detach(), name)
         new = cls.__new__(cls)
@@ -43,7 +43,7 @@ class QATExpertWeight(QATLinear):
         new.scheme = scheme
         new.frozen = False
         new.fixed = False
-        new._init_qparams()
+        new._init_qparams(ratio, search)
         return new
 
     def forward(self, x: Tensor) -> Tensor:
@@ -107,9 +107,10 @@ def _qat_experts_class(base: type) -> type:
     return _CLASSES[base]
 
 
-def wrap_expert_tensor(module: nn.Module, pname: str, scheme: QuantScheme, name: str) -> QATExpertWeight:
+def wrap_expert_tensor(module: nn.Module, pname: str, scheme: QuantScheme, name: str, ratio: Tensor | None = None,
+                       search: bool = True) -> QATExpertWeight:
     """Put a ``QATExpertWeight`` in place of ``module.<pname>`` (sharing the parameter)."""
-    q = QATExpertWeight.from_param(module._parameters[pname], scheme, name)
+    q = QATExpertWeight.from_param(module._parameters[pname], scheme, name, ratio, search)
     del module._parameters[pname]
     module.add_module(pname, q)
     if not hasattr(type(module), "qat_base"):

@@ -100,9 +100,12 @@ def minmax_qparams(
 ) -> tuple[Tensor, Tensor]:
     """Scale and zero-point per (row, group) from the group's range, optionally shrunk by
     ``clip_ratio`` (a scalar or a ``[out, n_groups]`` tensor in (0, 1]); ``seq``: SEQ's grid
-    (needs ``symmetric=False``)."""
-    check_finite(w)
-    return minmax_qparams_unchecked(w, bits, group_size, symmetric, clip_ratio, seq)
+    (needs ``symmetric=False``). A non-finite weight raises: it makes its group's range, so
+    its scale, non-finite, which is checked on the qparams (a pass over the weight only then)."""
+    scale, zero = minmax_qparams_unchecked(w, bits, group_size, symmetric, clip_ratio, seq)
+    if not w.is_meta and not bool(torch.isfinite(scale).all()):
+        check_finite(w)
+    return scale, zero
 
 
 def minmax_qparams_unchecked(
@@ -210,6 +213,21 @@ def dequantize(
     q = group_view(codes, group_size).to(scale.dtype)
     w = ((q - _expand(zero)) * _expand(scale)).reshape(codes.shape)
     return w if dtype is None else w.to(dtype)
+
+
+@torch.no_grad()
+def on_grid(
+    w: Tensor, scale: Tensor, zero: Tensor, bits: int, symmetric: bool, group_size: int | None,
+    out_scale: Tensor, out_zero: Tensor, dtype: torch.dtype,
+) -> Tensor:
+    """``dequantize(quantize(w, scale, zero), out_scale, out_zero, group_size, dtype)`` bit for
+    bit, without the int32 codes and in place where it can: the weights ``final/`` holds (codes
+    from the trained qparams, mapped back with the qparams as stored, e.g. rounded to bf16)."""
+    _, q, _, _, _ = _signed_codes(group_view(w, group_size), _expand(scale), _expand(zero), bits, symmetric)
+    if not symmetric:
+        q.add_(_asym_offset(bits))
+    q = q.to(out_scale.dtype)
+    return q.sub_(_expand(out_zero)).mul_(_expand(out_scale)).reshape(w.shape).to(dtype)
 
 
 def fake_quantize(

@@ -47,6 +47,7 @@ from .grid import (
     lsq_grad_factor,
     minmax_qparams,
     mse_clip_ratio,
+    on_grid,
     positive,
     quantize,
     round_ste,
@@ -80,8 +81,9 @@ class QATLinear(nn.Linear):
         self.fixed = False
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, name: str = "") -> "QATLinear":
-        """Wrap ``linear`` (sharing its weight and bias tensors) and initialise the qparams."""
+    def from_linear(cls, linear: nn.Linear, scheme: QuantScheme, name: str = "", ratio: Tensor | None = None, search: bool = True) -> "QATLinear":
+        """Wrap ``linear`` (sharing its weight and bias tensors) and initialise the qparams
+        (``ratio``, ``search``: see ``_init_qparams``)."""
         scheme.check_layer(name or "linear", linear.in_features)
         check_finite(linear.weight.detach(), f"{name or 'linear'}.weight")
         new = cls.__new__(cls)
@@ -92,17 +94,23 @@ class QATLinear(nn.Linear):
         new.scheme = scheme
         new.frozen = False
         new.fixed = False
-        new._init_qparams()
+        new._init_qparams(ratio, search)
         return new
 
     # -- qparams -------------------------------------------------------------------------
-    def _init_qparams(self) -> None:
+    def _init_qparams(self, ratio: Tensor | None = None, search: bool = True) -> None:
+        """The qparams from the weight and a per-group clip ratio: ``ratio`` when given (the MSE
+        search run elsewhere: ``qat.policy.search``), else the scheme's ``scale_init`` (the MSE
+        search here, or 1); ``search=False`` skips the search (1: a resume or a structure whose
+        qparams are loaded next)."""
         s = self.scheme
         w = self.weight.detach().float()
-        if s.scale_init == "mse":
-            ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric, seq=s.seq)
-        else:
-            ratio = torch.ones(group_count(self), device=w.device)
+        if ratio is None:
+            if s.scale_init == "mse" and search and not w.is_meta:
+                ratio = mse_clip_ratio(w, s.bits, s.group_size, s.symmetric, seq=s.seq)
+            else:
+                ratio = torch.ones(group_count(self), device=w.device)
+        ratio = ratio.to(w.device)
         if s.learnable:
             scale, zero = minmax_qparams(w, s.bits, s.group_size, s.symmetric, ratio, s.seq)
             # float32 masters whatever the weight's dtype: a bf16 scale would not take an LSQ step
@@ -182,6 +190,19 @@ class QATLinear(nn.Linear):
         if dtype is not None:
             scale, zero = scale.to(dtype), zero.to(dtype)
         return QuantizedWeight(codes, scale, zero, s)
+
+    @torch.no_grad()
+    def written_weight(self, dtype: torch.dtype | None = None, param_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``(weight, scale, zero_point)`` as ``final/`` stores them: ``quantized_weight(dtype,
+        param_dtype)`` dequantized in ``dtype`` (default: the weight's), with its qparams, bit
+        for bit, computed without the int32 codes (``grid.on_grid``)."""
+        if param_dtype is not None:
+            return self.with_params_in(param_dtype).written_weight(dtype)
+        s = self.scheme
+        scale, zero = (t.detach() for t in self.qparams())
+        stored = (scale.to(dtype), zero.to(dtype)) if dtype is not None else (scale, zero)
+        w = on_grid(self.weight.detach().to(scale.dtype), scale, zero, s.bits, s.symmetric, s.group_size, *stored, dtype or self.weight.dtype)
+        return (w, *stored)
 
     def with_params_in(self, dtype: torch.dtype) -> "QATLinear":
         """A shallow copy whose parameters are detached copies cast to ``dtype`` (buffers shared)."""

@@ -41,10 +41,11 @@ from ..distill.teacher_cache import check as check_teacher_cache
 from ..distill.teacher_cache import precompute as precompute_teacher_cache
 from ..evaluate.perplexity import perplexity
 from ..io.checkpoint import CheckpointError, latest_checkpoint, read_state, save_checkpoint, set_aside_newer, usable_checkpoint
-from ..io.final import final_dtype, writing_final
-from ..io.models import DTYPES, check_sources, first_line, load_model_dir, load_models, model_config, student_skeleton
+from ..io.final import final_dtype, has_adapter, writing_final
+from ..io.models import DTYPES, check_sources, empty_model_dir, first_line, load_model_dir, load_models, model_config, student_skeleton
 from ..io.rundir import DiskError, Replacement, RunLock, check_run_dir, create_run_dir, marker, write_failure, write_json_atomic, write_text_atomic
-from ..policy import build_student_quant, dry_run_quant, freeze_due, freeze_layers, schedule_transitions
+from ..policy import build_student_quant, dry_run_quant, freeze_due, freeze_layers, quant_plan, schedule_transitions
+from ..policy.search import clip_ratios
 from ..quant.apply import set_fake_quant
 from ..recipe import Recipe, RecipeError
 from .identity import compare as compare_identity
@@ -329,11 +330,23 @@ def prepare_data(run: Run, overwrite: bool, resume_from: Path | None, held: bool
 
 
 def build_models(run: Run, init: bool) -> None:
-    """Student (fake-quant, frozen layers, LoRA) and teacher, the optimizer, Accelerate's wrapping."""
+    """Student (fake-quant, frozen layers, LoRA) and teacher, the optimizer, Accelerate's wrapping.
+
+    Under FSDP2 the weights are read once: the main process loads the student and the teacher,
+    the others build their structure on the meta device, and Accelerate's wrapping broadcasts
+    the main process's tensors shard by shard (``load_once``). The MSE clip search of a fresh
+    run is split over the processes, each on its device (``qat.policy.search``); a resume skips
+    it (the checkpoint holds the qparams)."""
     recipe, acc, t = run.recipe, run.accelerator, run.recipe.train
-    student, run.teacher = load_models(recipe, run.config, with_teacher=run.cache is None)
-    run.report, run.frozen = build_student_quant(student, recipe, init=init)
-    student = apply_lora(student, recipe, init_calibration(recipe, run.train_set))  # peft: LoRA-QAT
+    once = load_once(acc)
+    real = run.main or not once
+    student, run.teacher = load_models(recipe, run.config, with_teacher=run.cache is None, weights=real)
+    ratios = {}
+    if recipe.quant is not None and init:
+        ratios = clip_ratios(student, quant_plan(recipe, run.config), acc, progress=run.main)
+    run.report, run.frozen = build_student_quant(student, recipe, init=init, ratios=ratios)
+    calib = init_calibration(recipe, run.train_set) if real else None
+    student = apply_lora(student, recipe, calib, init=real)  # peft: LoRA-QAT (the structure only where the weights come by broadcast)
     if run.main:
         print(run.report.summary() if run.report else f"no quantization (quant: null): plain {'fine-tuning' if recipe.model.path else 'pretraining'}")
         if run.frozen:
@@ -353,12 +366,22 @@ def build_models(run: Run, init: bool) -> None:
         from accelerate.utils import DistributedType, fsdp2_prepare_model
 
         if acc.is_fsdp2:  # Accelerate's FSDP2 `prepare` wants an optimizer; the teacher has none
-            run.teacher = fsdp2_prepare_model(acc, run.teacher.to(acc.device))
+            run.teacher = fsdp2_prepare_model(acc, run.teacher if once else run.teacher.to(acc.device))
         else:
             registered = len(acc._models)
             run.teacher = acc.prepare_model(run.teacher, evaluation_mode=acc.distributed_type != DistributedType.FSDP)
             del acc._models[registered:]  # a frozen teacher is not training state: checkpoints hold only what resume needs
     run.trainable = [p for p in run.student.parameters() if p.requires_grad]
+
+
+def load_once(accelerator) -> bool:
+    """Whether this launch reads the models once (FSDP2 over several processes: Accelerate's
+    ``cpu_ram_efficient_loading``, switched on here whatever the launch config says, so every
+    process takes its shards from the main process's copy instead of loading its own)."""
+    if not getattr(accelerator, "is_fsdp2", False) or accelerator.num_processes == 1:
+        return False
+    accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = True
+    return True
 
 
 def resume(run: Run, resume_from: Path | None) -> None:
@@ -607,6 +630,7 @@ def write_final(run: Run) -> None:
     is written into them in place (``merge_lora_``), after the last step, when the student's
     weights are no longer used."""
     recipe, acc = run.recipe, run.accelerator
+    drop_optimizer_state(run)
     state = acc.get_state_dict(run.student)
     if recipe.train.compile:  # torch.compile's wrapper prefixes every key
         state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}
@@ -635,6 +659,17 @@ def write_final(run: Run) -> None:
     wait_for_everyone(acc, "the main process writing final/")
 
 
+def drop_optimizer_state(run: Run) -> None:
+    """After the last step the optimizer's state (AdamW's moments: 8 bytes a parameter) serves
+    nothing (a checkpoint holds its own copy): freed before final/ is gathered. Under DeepSpeed
+    the engine owns it."""
+    from accelerate.utils import DistributedType
+
+    if run.optimizer is not None and run.accelerator.distributed_type != DistributedType.DEEPSPEED:
+        run.optimizer.zero_grad(set_to_none=True)
+        run.optimizer.state.clear()
+
+
 def forward_param_dtype(accelerator) -> torch.dtype | None:
     """The dtype FSDP2's mixed precision casts the parameters to for the forward (None: no cast),
     so final/ is written from the parameters the training forward saw."""
@@ -652,7 +687,8 @@ def evaluate_final(run: Run) -> None:
               "wall_time_s": None, "quantized_layers": len(run.report.layers) if run.report else 0, "frozen_layers": run.frozen}
     if run.valid_set is not None:
         ev = recipe.eval
-        final, _ = load_model_dir(run.out / "final", "float32", str(acc.device), recipe.model.trust_remote_code)
+        run.student, run.optimizer = acc.free_memory(run.student, run.optimizer)  # trained and written: final/ stands in for it
+        final = load_final_for_eval(run)
         result["student"] = perplexity(final, run.valid_set, ev.batch_size, ev.max_batches, teacher=run.teacher, accelerator=acc, desc="eval final/")
         if run.teacher is not None:
             result["teacher"] = perplexity(run.teacher, run.valid_set, ev.batch_size, ev.max_batches, accelerator=acc, desc="eval teacher")
@@ -670,6 +706,26 @@ def evaluate_final(run: Run) -> None:
             except Exception as e:
                 warnings.warn(f"wandb logging failed: {e}")
     wait_for_everyone(acc, "the main process writing eval.json")
+
+
+def load_final_for_eval(run: Run) -> nn.Module:
+    """final/ as ``from_pretrained`` loads it, in float32. Under FSDP2 it is read once, by the
+    main process, and sharded over the processes (the others hold its structure until the
+    broadcast), computing in float32 as a one-process ``qat eval`` does; elsewhere every process
+    loads its own (DDP's replicas)."""
+    recipe, acc, path = run.recipe, run.accelerator, run.out / "final"
+    trust = recipe.model.trust_remote_code
+    if not load_once(acc) or has_adapter(path):
+        return load_model_dir(path, "float32", str(acc.device), trust)[0]
+    from accelerate.utils import fsdp2_prepare_model
+
+    model = load_model_dir(path, "float32", "cpu", trust)[0] if run.main else empty_model_dir(path, "float32", trust)
+    plugin = acc.state.fsdp_plugin
+    cast, plugin.mixed_precision_policy = plugin.mixed_precision_policy, None  # no bf16 cast: float32 arithmetic
+    try:
+        return fsdp2_prepare_model(acc, model)
+    finally:
+        plugin.mixed_precision_policy = cast
 
 
 def _eval_line(result: dict) -> str:

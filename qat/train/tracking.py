@@ -16,6 +16,7 @@ import torch
 from ..deps import available, hint
 from ..dist import fsdp_on_cpu, rank_zero
 from ..io.rundir import DiskError
+from ..io.weights import weight_files
 from ..recipe import Recipe, RecipeError
 
 
@@ -90,6 +91,22 @@ def resolve_precision(recipe: Recipe) -> str:
     return recipe.train.mixed_precision
 
 
+def collective_timeout(recipe: Recipe) -> int:
+    """``train.collective_timeout_s``, or derived from the model's size: the steps only the main
+    process does (reading the student and teacher that it then broadcasts, writing final/) read
+    or write about the checkpoint's bytes a few times; 1800 s plus 1 s per 10 MB of
+    ``model.path``'s weight files (57 min at 8B in bf16, 4 h 23 at 70B) covers them on a slow
+    disk. A hub id not downloaded yet, or a model from scratch: 1800 s."""
+    if recipe.train.collective_timeout_s is not None:
+        return recipe.train.collective_timeout_s
+    path = Path(recipe.model.path) if recipe.model.path else None
+    try:
+        size = sum(f.stat().st_size for f in weight_files(path) if f.is_file()) if path is not None and path.is_dir() else 0
+    except ValueError:  # an unreadable index: check_sources names it
+        size = 0
+    return 1800 + size // 10_000_000
+
+
 def make_accelerator(recipe: Recipe, out: Path):
     from datetime import timedelta
 
@@ -106,7 +123,7 @@ def make_accelerator(recipe: Recipe, out: Path):
         gradient_accumulation_steps=recipe.train.grad_accum,
         log_with="wandb" if use_wandb else None,
         project_dir=str(out),
-        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=recipe.train.collective_timeout_s))],
+        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=collective_timeout(recipe)))],
     )
     fsdp_on_cpu(accelerator)  # an FSDP launch config on CPU processes: FSDP2, not a silent DDP
     return accelerator
