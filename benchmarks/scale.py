@@ -283,6 +283,53 @@ def report(ref: dict, idle: dict, results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# -- derived: what a run costs at sizes this machine cannot hold ----------------------------
+TARGETS = {  # total parameters, layers, hidden, vocabulary (the models' configs)
+    "Llama-3-8B": (8.03e9, 32, 4096, 128256),
+    "Llama-3-70B": (70.6e9, 80, 8192, 128256),
+    "Qwen3-30B-A3B": (30.5e9, 48, 2048, 151936),
+}
+
+
+def derive(ref: dict, idle: dict, fsdp: dict, gpus: int = 8, seq: int = 2048) -> str:
+    """Per-parameter costs measured on the FSDP2 run, scaled to ``TARGETS`` on ``gpus`` x 80 GB
+    (bf16 mixed precision, fp32 masters, bf16 teacher, micro-batch 1 x ``seq`` tokens with
+    activation checkpointing, as the shipped 8-GPU recipes run).
+
+    - training state per device: (16 B/param + 2 B/param teacher) / gpus, times the ratio of the
+      measured steps-phase peak (summed over processes, less idle) to 18 B/param;
+    - host RAM per node: the main process's extra over the other's, per byte it reads (fp32
+      student + bf16 teacher at start-up) or gathers (the fp32 state at the final write), times
+      the model's bytes, plus one idle footprint per process;
+    - activations: the standard estimate (Korthikanti et al. 2022) with attention kernels that
+      keep no score matrix: 34 x T x hidden bytes for the block being recomputed, 2 x T x hidden
+      per checkpointed block input, and the bf16 logits of student and teacher with the student's
+      gradient (6 x T x vocab); not measured here."""
+    table = phase_table(fsdp)
+    n = ref["params"]
+    idle_each = sum(idle["peaks"]) / len(idle["peaks"])
+    state_ratio = (sum(table["steps"]["peaks"]) - sum(idle["peaks"])) / (18 * n)
+    start_extra = (table["start-up"]["peaks"][0] - table["start-up"]["peaks"][1]) / (6 * n)
+    final_extra = (table["final write"]["peaks"][0] - table["final write"]["peaks"][1]) / (4 * n)
+    lines = [f"measured at {n / 1e9:.2f}B: training state {state_ratio:.2f} x (16 + 2) B/param; the main process's extra host memory "
+             f"{start_extra:.2f} x the bytes it reads at start-up, {final_extra:.2f} x the state it gathers at the final write; "
+             f"idle {idle_each / GIB:.2f} GiB per process", "",
+             f"| model | FSDP2 host RAM per node, start-up / final write | GPU per device: student + grads + AdamW | teacher | "
+             f"activations (1 x {seq}) | GPU total | on {gpus} x 80 GB | DDP host RAM per node at start-up |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, (p, layers, hidden, vocab) in TARGETS.items():
+        host_start = start_extra * 6 * p + gpus * idle_each
+        host_final = final_extra * 4 * p + gpus * idle_each
+        state = state_ratio * 16 * p / gpus
+        teacher = state_ratio * 2 * p / gpus
+        act = 34 * seq * hidden + 2 * seq * hidden * layers + 6 * seq * vocab
+        total = state + teacher + act
+        lines.append(f"| {name} | {host_start / 1e9:.0f} / {host_final / 1e9:.0f} GB | {state / 1e9:.1f} GB | {teacher / 1e9:.1f} GB | "
+                     f"{act / 1e9:.1f} GB | {total / 1e9:.1f} GB | {'fits' if total < 80e9 * 0.9 else 'does not fit'} | "
+                     f"{(gpus * 6 * p + gpus * idle_each) / 1e9:.0f} GB |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
@@ -318,6 +365,11 @@ def main() -> None:
                    for m in args.modes.split(",") if sizes[m] == size]
         print(report(ref, idle, results), flush=True)
         print()
+        fsdp = next((r for r in results if r["mode"] == "fsdp2" and r.get("fresh", {}).get("ok")), None)
+        if fsdp is not None and idle:
+            print("derived (FSDP2, bf16 mixed precision, 8 x 80 GB):")
+            print(derive(ref, idle, fsdp), flush=True)
+            print()
         all_results.append({"ref": ref, "results": results})
         shutil.rmtree(work / f"model-{hidden}x{layers}", ignore_errors=True)  # GBs at 1B
     if args.json:

@@ -144,3 +144,55 @@ def test_export_refuses_asymmetric_or_mixed_expert_schemes():
         check_experts({"m.experts.gate_up_proj": {**sym, "symmetric": False}})
     with pytest.raises(ExportError, match="different schemes"):
         check_experts({"m.experts.gate_up_proj": sym, "m.experts.down_proj": {**sym, "bits": 8}})
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
+@pytest.mark.parametrize("kind", ["minmax", "lsq-seq"])
+def test_experts_keep_nothing_weight_sized_for_backward_and_give_the_same_gradients(impl, kind):
+    """quant.recompute (default): the experts module keeps for backward no more than its inputs
+    (the fake-quantized tensors are rebuilt in backward); off, it keeps them (at least the two
+    fused tensors' size). Loss and every gradient are the same bit for bit either way."""
+    model = tiny_moe(impl).train()
+    quantize_model(model, SCHEMES[kind])
+    experts = model.model.layers[0].mlp.experts
+    weight_bytes = sum(q.weight.numel() * q.weight.element_size() for q in experts.modules() if isinstance(q, QATExpertWeight))
+    hidden = torch.randn(24, 64, requires_grad=True)
+    top = torch.topk(torch.rand(24, 4, generator=torch.Generator().manual_seed(2)), 2)
+    routing = (top.indices, torch.softmax(top.values, -1).requires_grad_())
+
+    def saved(recompute: bool) -> tuple[int, torch.Tensor]:
+        for q in experts.modules():
+            if isinstance(q, QATExpertWeight):
+                q.recompute = recompute
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        inputs = {t.untyped_storage().data_ptr() for t in (hidden, *routing)}
+        total = []
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params | inputs:
+                total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = experts(hidden, *routing)
+        return sum(total), out
+
+    kept, out_r = saved(True)
+    kept_off, out_k = saved(False)
+    assert kept == 0, kept  # only the inputs (and parameters) are held for backward
+    assert kept_off >= weight_bytes, (kept_off, weight_bytes)
+    assert torch.equal(out_r, out_k)
+
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for recompute in (True, False):
+        m = copy.deepcopy(model)
+        for q in m.modules():
+            if isinstance(q, QATLinear):
+                q.recompute = recompute
+        loss = m(ids, labels=ids).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad for n, p in m.named_parameters() if p.grad is not None}))
+    (la, ga), (lb, gb) = grads
+    assert torch.equal(la, lb) and ga.keys() == gb.keys()
+    assert all(torch.equal(ga[n], gb[n]) for n in ga), [n for n in ga if not torch.equal(ga[n], gb[n])][:3]

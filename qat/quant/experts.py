@@ -14,11 +14,16 @@ whose ``weight`` is the parameter), and the experts module's class is swapped fo
 whose ``forward`` puts the fake-quantized tensor where the implementation reads the parameter
 (the instance ``__dict__``, which attribute lookup consults before ``nn.Module``'s registries)
 for the duration of the call. Optimizers, checkpoints and FSDP2 see an ordinary parameter.
+With ``quant.recompute`` (the default) that call is checkpointed (``torch.utils.checkpoint``):
+backward runs it again rather than keep the fake-quantized tensors, so the experts keep for
+backward what their inputs are, nothing the size of their weights.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .grid import check_finite
 from .linear import QATLinear
@@ -92,7 +97,7 @@ _CLASSES: dict[type, type] = {}
 def _qat_experts_class(base: type) -> type:
     if base not in _CLASSES:
 
-        def forward(self, *args, **kwargs):
+        def quantized_forward(self, *args, **kwargs):
             quants = [(n, m) for n, m in self._modules.items() if isinstance(m, QATExpertWeight)]
             device_type = quants[0][1].weight.device.type
             for n, q in quants:
@@ -102,6 +107,14 @@ def _qat_experts_class(base: type) -> type:
             finally:
                 for n, _ in quants:
                     self.__dict__.pop(n, None)
+
+        def forward(self, *args, **kwargs):
+            quants = [m for m in self._modules.values() if isinstance(m, QATExpertWeight)]
+            if torch.is_grad_enabled() and any(q.recompute and q.weight.requires_grad for q in quants):
+                # quant.recompute: the fake-quantized tensors (each the size of the experts' weights)
+                # are rebuilt in backward with the experts' forward instead of kept for it
+                return checkpoint(quantized_forward, self, *args, use_reentrant=False, **kwargs)
+            return quantized_forward(self, *args, **kwargs)
 
         _CLASSES[base] = type(f"QAT{base.__name__}", (base,), {"forward": forward, "qat_base": base, "__module__": __name__})
     return _CLASSES[base]

@@ -639,6 +639,7 @@ def write_final(run: Run) -> None:
         build_student_quant(final, recipe, at_step=run.step)  # a delayed freeze in force at the end included
         final = apply_lora(final, recipe, init=False)
         final.load_state_dict(state, assign=True)
+        state.clear()  # the skeleton holds the tensors now: each frees as its layer is dequantized
         trained = acc.unwrap_model(run.student)
         trained = getattr(trained, "_orig_mod", trained)
         base = final.get_base_model() if hasattr(final, "get_base_model") else final  # a PeftModel: its model
