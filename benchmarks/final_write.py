@@ -4,7 +4,8 @@ A random-weight Llama (``--hidden``, ``--layers``; saved to a temporary director
 ``model.path``) is quantized W4g128 with the MSE clip search (the 4-bit default) and its state is
 taken as a run's trained state. Then, single process, CPU:
 
-- ``save_pretrained``: the plain model saved (what any fine-tuning run costs);
+- ``save_pretrained``: the plain model saved (what any fine-tuning run costs), in fp32 and in bf16
+  (the dtype final/ is written in here);
 - ``final/ (fresh copy)``: what ``write_final`` did before: a second student read from disk with
   ``from_pretrained``, quantized again (the clip search re-run), the state loaded into it, then
   ``save_final`` (dequantize + save);
@@ -49,9 +50,14 @@ def main() -> None:
         t = time.perf_counter()
         model.save_pretrained(tmp / "src")
         plain = time.perf_counter() - t
+        half = AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16)
+        t = time.perf_counter()
+        half.save_pretrained(tmp / "src-bf16")
+        plain_bf16 = time.perf_counter() - t
+        del half
         quantize_model(model, scheme)
         state = model.state_dict()
-        rows = [("save_pretrained (plain model)", plain)]
+        rows = [("save_pretrained (plain model, fp32)", plain), ("save_pretrained (plain model, bf16: final/'s dtype)", plain_bf16)]
 
         t = time.perf_counter()
         fresh = AutoModelForCausalLM.from_pretrained(tmp / "src")
@@ -72,9 +78,9 @@ def main() -> None:
         a, b = load_file(str(tmp / "final-a" / "model.safetensors")), load_file(str(tmp / "final-b" / "model.safetensors"))
         same = a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     print(f"Llama hidden {args.hidden}, {args.layers} layers: {n / 1e6:.0f}M parameters, W4g128 (mse), {torch.get_num_threads()} threads")
-    print("| write | seconds | x save_pretrained |\n|---|---|---|")
+    print("| write | seconds | x save_pretrained fp32 | x save_pretrained bf16 |\n|---|---|---|---|")
     for what, s in rows:
-        print(f"| {what} | {s:.1f} | {s / plain:.2f} |")
+        print(f"| {what} | {s:.2f} | {s / plain:.2f} | {s / plain_bf16:.2f} |")
     print(f"the two final/ identical: {same}")
 
 

@@ -47,15 +47,18 @@ class _Acc:  # what clip_ratios reads of an Accelerator
         self.num_processes, self.process_index, self.device = WORLD, rank, torch.device("cpu")
 
 
-def _worker(rank: int, port: int, out: str, kind: str, main_only: bool) -> None:
+CASES = [("llama", True), ("llama", False), ("moe", True)]  # (model, only the main process holds the weights)
+
+
+def _worker(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    model = build(kind, meta=main_only and rank != 0)
-    got = clip_ratios(model, plan(kind), _Acc(rank))
-    torch.save(got, f"{out}.{rank}")
+    for kind, main_only in CASES:
+        model = build(kind, meta=main_only and rank != 0)
+        torch.save(clip_ratios(model, plan(kind), _Acc(rank)), f"{out}.{kind}.{main_only}.{rank}")
     dist.destroy_process_group()
 
 
@@ -65,23 +68,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("kind,main_only", [("llama", True), ("llama", False), ("moe", True)])
-def test_split_search_finds_each_layers_own_ratio(tmp_path, kind, main_only):
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    out = str(tmp_path / "ratios")
-    mp.spawn(_worker, args=(_free_port(), out, kind, main_only), nprocs=WORLD, join=True)
-    got = [torch.load(f"{out}.{r}") for r in range(WORLD)]
+    out = str(tmp_path_factory.mktemp("search") / "ratios")
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return {(kind, main_only): [torch.load(f"{out}.{kind}.{main_only}.{r}") for r in range(WORLD)] for kind, main_only in CASES}
 
+
+@pytest.mark.parametrize("kind,main_only", CASES)
+def test_split_search_finds_each_layers_own_ratio(searched, kind, main_only):
+    from qat.quant.grid import mse_clip_ratio
+
+    got = searched[(kind, main_only)]
     model, layers = build(kind), plan(kind)
-    searched = {n for n, s in layers.items() if s.scale_init == "mse"}
-    assert set(got[0]) == set(got[1]) == searched and len(searched) >= 6
+    wanted = {n for n, s in layers.items() if s.scale_init == "mse"}
+    assert set(got[0]) == set(got[1]) == wanted and len(wanted) >= 6
     if kind == "moe":
-        assert any(planned_weight(model, n).ndim == 3 for n in searched)  # fused expert tensors among them
-    for n in searched:
+        assert any(planned_weight(model, n).ndim == 3 for n in wanted)  # fused expert tensors among them
+    for n in wanted:
         s = layers[n]
-        from qat.quant.grid import mse_clip_ratio
-
         want = mse_clip_ratio(planned_weight(model, n).detach().float(), s.bits, s.group_size, s.symmetric, seq=s.seq)
         assert torch.equal(got[0][n], want) and torch.equal(got[1][n], want), n
         assert (want < 1).any(), n  # the search moved off min-max somewhere
