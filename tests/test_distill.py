@@ -285,9 +285,9 @@ def test_training_from_the_cache(at_repo, tmp_path, monkeypatch):
 
     real_load_models = qat.train.loop.load_models
 
-    def load_models(recipe, config, with_teacher=True):
+    def load_models(recipe, config, with_teacher=True, weights=True):
         assert not with_teacher  # training from the cache never loads the teacher
-        return real_load_models(recipe, config, with_teacher)
+        return real_load_models(recipe, config, with_teacher, weights)
 
     monkeypatch.setattr(qat.train.loop, "load_models", load_models)
     out = tmp_path / "cached"
