@@ -2,7 +2,7 @@
 
 ``scale_init: mse`` searches, per group of every quantized layer, the clip ratio that minimises
 the quantization error (``qat.quant.grid.mse_clip_ratio``): 20 fake-quant passes over every
-weight, an hour on one CPU core at 7B. ``clip_ratios`` deals the layers out: layer i is searched by
+weight, 1.3 s per 2048 x 2048 matrix on one CPU core (over half an hour at 7B). ``clip_ratios`` deals the layers out: layer i is searched by
 process ``i % world`` on its accelerator, and every process receives every ratio. Where only the
 main process holds the weights (FSDP2 loads the model once; the other processes hold its
 structure on the meta device), it sends each layer to the process that searches it. The result
@@ -46,8 +46,9 @@ def clip_ratios(model: nn.Module, plan: dict[str, QuantScheme], accelerator=None
         return {n: search_one(planned_weight(model, n).to(device), plan[n]).cpu() for n in bar}
     import torch.distributed as dist
 
-    everyone_has = torch.tensor([0.0 if any(planned_weight(model, n).is_meta for n in names) else 1.0], device=device)
-    dist.all_reduce(everyone_has, op=dist.ReduceOp.MIN)  # DDP: every replica is real; FSDP2: the main one only
+    real = torch.tensor([0.0 if any(planned_weight(model, n).is_meta for n in names) else 1.0], device=device)
+    dist.all_reduce(real, op=dist.ReduceOp.MIN)  # DDP: every replica is real; FSDP2: the main one only
+    everyone_has = bool(real.item())
     out: dict[str, Tensor] = {}
     rounds = range(0, len(names), world)
     for start in tqdm(rounds, desc="clip search", disable=not (progress and rank == 0), dynamic_ncols=True):
@@ -55,7 +56,7 @@ def clip_ratios(model: nn.Module, plan: dict[str, QuantScheme], accelerator=None
         mine = None
         for owner, name in enumerate(batch):  # each layer of the round to the process that searches it
             w = planned_weight(model, name)
-            if everyone_has.item() or owner == 0:
+            if everyone_has or owner == 0:
                 mine = w.detach().to(device) if owner == rank else mine
                 continue
             buf = w.detach().to(device) if rank == 0 else torch.empty(w.shape, dtype=w.dtype, device=device)
