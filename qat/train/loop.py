@@ -341,6 +341,8 @@ def build_models(run: Run, init: bool) -> None:
     once = load_once(acc)
     real = run.main or not once
     student, run.teacher = load_models(recipe, run.config, with_teacher=run.cache is None, weights=real)
+    if once:
+        wait_for_everyone(acc, "the main process reading the student and the teacher")
     ratios = {}
     if recipe.quant is not None and init:
         ratios = clip_ratios(student, quant_plan(recipe, run.config), acc, progress=run.main)
