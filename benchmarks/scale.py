@@ -1,9 +1,11 @@
 """What a run costs as the model grows: host memory and wall time of each part of ``qat train``
 on 2 CPU processes, measured on a random-weight Llama, then derived for larger models.
 
-A Llama of ``--hidden`` x ``--layers`` (default hidden 2048, 16 layers, intermediate 8192, 8 KV
-heads, the llama-tiny tokenizer's 8192 ids: ~1.0B parameters) is built from its config and
-saved in bf16, as hub checkpoints are. The same model's plain ``save_pretrained`` (bf16, what
+A Llama of ``--hidden`` x ``--layers`` (default hidden 2048, 12 layers, intermediate 8192, 8 KV
+heads, the llama-tiny tokenizer's 8192 ids: 0.79B parameters; DDP, whose processes each hold a
+replica, hidden 1024 x 16 layers: 0.29B) is built from its config and saved in bf16, as hub
+checkpoints are. 16 layers (1.04B) do not fit 2 processes in 24 GiB: the training state alone is
+17.4 GiB. The same model's plain ``save_pretrained`` (bf16, what
 ``final/`` is written in) and ``from_pretrained`` (fp32, the student's dtype) are timed as the
 reference. Then, for each ``--modes`` launch config (``launch/cpu-2proc-fsdp2.yaml``,
 ``launch/cpu-2proc.yaml``), two runs of W4g128 QAT with KD from the bf16 teacher:
@@ -19,9 +21,9 @@ evaluation. The same processes on a tiny model give the idle footprint (Python, 
 libraries). A launch that drives the machine's free memory under 1 GiB is stopped and recorded
 as not fitting.
 
-    python benchmarks/scale.py                                   # ~1B, FSDP2 then DDP
-    python benchmarks/scale.py --modes fsdp2 --hidden 1024 --layers 12
-    python benchmarks/scale.py --modes ddp --hidden 1536 --layers 12
+    python benchmarks/scale.py                       # FSDP2 at 0.79B, DDP at 0.29B: ~20 min on 2 cores
+    python benchmarks/scale.py --modes fsdp2 --layers 16     # ~1B, on a machine with more than 24 GiB
+    python benchmarks/scale.py --modes ddp --ddp-hidden 1536 --ddp-layers 12
 
 Needs the llama-tiny fixture's tokenizer (``../shared``); the data is the Python standard
 library's source (no download).
@@ -347,12 +349,12 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--trace-dir", help=argparse.SUPPRESS)
     ap.add_argument("--hidden", type=int, default=2048)
-    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
     ap.add_argument("--kv-heads", type=int, default=8)
     ap.add_argument("--modes", default="fsdp2,ddp", help="comma-separated: fsdp2, ddp")
-    ap.add_argument("--ddp-hidden", type=int, default=None, help="a smaller model for DDP (its replicas: 2 full training states)")
-    ap.add_argument("--ddp-layers", type=int, default=None)
+    ap.add_argument("--ddp-hidden", type=int, default=1024, help="a smaller model for DDP (its replicas: 2 full training states)")
+    ap.add_argument("--ddp-layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--work", default=None, help="where models and runs go (default: a fresh directory under /tmp)")
@@ -368,7 +370,7 @@ def main() -> None:
     idle_res = run_mode("fsdp2", work / "tiny", work / "tiny-runs", 1, 32)
     idle_tab = phase_table(idle_res)
     idle = {"peaks": [max(e["peaks"][r] for e in idle_tab.values()) for r in range(2)]} if idle_tab else {}
-    sizes = {"fsdp2": (args.hidden, args.layers), "ddp": (args.ddp_hidden or args.hidden, args.ddp_layers or args.layers)}
+    sizes = {"fsdp2": (args.hidden, args.layers), "ddp": (args.ddp_hidden, args.ddp_layers)}
     all_results = []
     for size in dict.fromkeys(sizes[m] for m in args.modes.split(",")):
         hidden, layers = size
