@@ -224,8 +224,7 @@ def on_grid(
     bit, without the int32 codes and in place where it can: the weights ``final/`` holds (codes
     from the trained qparams, mapped back with the qparams as stored, e.g. rounded to bf16)."""
     _, q, _, _, _ = _signed_codes(group_view(w, group_size), _expand(scale), _expand(zero), bits, symmetric)
-    if not symmetric:
-        q.add_(_asym_offset(bits))
+    q.add_(0.0 if symmetric else _asym_offset(bits))  # unsigned codes; + 0.0 makes a -0.0 code the int32 path's +0
     q = q.to(out_scale.dtype)
     return q.sub_(_expand(out_zero)).mul_(_expand(out_scale)).reshape(w.shape).to(dtype)
 
