@@ -137,3 +137,14 @@ def test_the_default_collective_timeout_grows_with_the_model(tmp_path):
     assert collective_timeout(recipe) == 1800 + 1600
     assert collective_timeout(load_recipe(PRETRAIN)) == 1800
     assert collective_timeout(load_recipe(PRETRAIN, ["train.collective_timeout_s=90"])) == 90
+
+
+def test_a_resume_may_change_the_collective_timeout():
+    """The timeout trains nothing: a run stopped by it resumes with a longer one (or the default)."""
+    from qat.train.identity import compare
+
+    old = {"recipe": {"train.collective_timeout_s": 7200, "train.seed": 0}}
+    refused, allowed = compare(old, {"recipe": {"train.collective_timeout_s": None, "train.seed": 0}})
+    assert refused == [] and allowed == []
+    refused, _ = compare(old, {"recipe": {"train.collective_timeout_s": 7200, "train.seed": 1}})
+    assert refused == ["train.seed 0 -> 1"]

@@ -17,7 +17,7 @@ from ..io.weights import fingerprint
 from ..recipe import Recipe
 
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.lr", "train.max_bad_steps")  # printed and recorded
-UNTRAINED_KEYS = ("output_dir", "train.log_every", "checkpoint.", "eval.", "tracking.")  # how a run is watched and kept: free
+UNTRAINED_KEYS = ("output_dir", "train.log_every", "train.collective_timeout_s", "checkpoint.", "eval.", "tracking.")  # how a run is watched and kept: free
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
