@@ -184,13 +184,18 @@ def load_models(recipe: Recipe, config, with_teacher: bool = True, weights: bool
     return student, teacher
 
 
+def act_bits(path: Path) -> dict[str, int | None]:
+    """``{layer: quant.act_bits}`` of a model directory's ``qat_quant.json``."""
+    return {n: info.get("act_bits") for n, info in load_quant_layers(path).items()}
+
+
 def empty_model_dir(path: str | Path, dtype: str = "float32", trust_remote_code: bool = False) -> nn.Module:
     """``load_model_dir``'s model (no adapter) as structure only (``empty_model``), in eval mode,
     no gradients: filled by a broadcast of the main process's copy."""
     path = Path(path)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     model = empty_model(config, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
-    add_activation_quant(model, {n: info.get("act_bits") for n, info in load_quant_layers(path).items()})
+    add_activation_quant(model, act_bits(path))
     return model.eval().requires_grad_(False)
 
 
@@ -200,8 +205,7 @@ def load_model_dir(path: str | Path, dtype: str = "float32", device: str = "cpu"
     path = Path(path)
     kw = {} if dtype == "auto" else {"dtype": DTYPES[dtype]}
     model = AutoModelForCausalLM.from_pretrained(str(path), trust_remote_code=trust_remote_code, **kw)
-    act = {n: info.get("act_bits") for n, info in load_quant_layers(path).items()}
-    add_activation_quant(model, act)  # quant.act_bits: the activations quantized as in training
+    add_activation_quant(model, act_bits(path))  # quant.act_bits: the activations quantized as in training
     adapter = path / ADAPTER_DIR
     if (adapter / "adapter_config.json").exists():
         peft = require("peft", f"{path}: its LoRA adapter (adapter/)")
